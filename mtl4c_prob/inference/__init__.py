@@ -1,0 +1,33 @@
+"""SVI fitting, posterior predictive draws and their summaries."""
+
+from __future__ import annotations
+
+from mtl4c_prob.inference._predictive import (
+    draw_loc_scale,
+    mixture_quantiles,
+    predictive_summary,
+)
+from mtl4c_prob.inference._svi import (
+    GUIDES,
+    FitResult,
+    SVIConfig,
+    fit_svi,
+    heldout_nll,
+    local_params,
+    make_guide,
+    resolve_device,
+)
+
+__all__ = [
+    "GUIDES",
+    "FitResult",
+    "SVIConfig",
+    "draw_loc_scale",
+    "fit_svi",
+    "heldout_nll",
+    "local_params",
+    "make_guide",
+    "mixture_quantiles",
+    "predictive_summary",
+    "resolve_device",
+]
