@@ -365,14 +365,16 @@ class DrugResponseData:
         y = None
         if with_y:
             y_np = self.y if scaler is None else scaler.transform(self.y, task)
-            y = torch.as_tensor(y_np, dtype=torch.float32, device=device)
+            y = torch.tensor(y_np, dtype=torch.float32, device=device)
         censor = None
         if self.has_censoring:
-            censor = torch.as_tensor(self.censor, dtype=torch.float32, device=device)
+            censor = torch.tensor(self.censor, dtype=torch.float32, device=device)
+        # torch.tensor copies: the code arrays are read-only views of the frame (pandas
+        # copy-on-write), and an in-place op on a shared tensor would rewrite the codes.
         return TensorData(
-            task=torch.as_tensor(task, device=device),
-            cell=torch.as_tensor(self.codes("cell"), device=device),
-            drug=torch.as_tensor(self.codes("drug"), device=device),
+            task=torch.tensor(task, device=device),
+            cell=torch.tensor(self.codes("cell"), device=device),
+            drug=torch.tensor(self.codes("drug"), device=device),
             y=y,
             censor=censor,
             cell_x=_tensor(cell_x, device),
@@ -388,15 +390,23 @@ def _numeric(col: pd.Series, name: str) -> pd.Series:
     bad = values.isna() & col.notna()
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"column {name!r} holds a non-numeric value {col.iloc[row]!r} (row {row})")
+        raise DataError(
+            f"column {name!r} holds a non-numeric value {_item(col, row)!r} (row {row})"
+        )
     arr = values.to_numpy(dtype=float)
     if not np.isfinite(arr).all():
         row = int(np.flatnonzero(~np.isfinite(arr))[0])
         raise DataError(
-            f"column {name!r} holds a missing or non-finite value {col.iloc[row]!r} (row {row}); "
+            f"column {name!r} holds a missing or non-finite value {_item(col, row)!r} (row {row}); "
             "drop those rows or impute them before loading"
         )
     return pd.Series(arr, index=col.index)
+
+
+def _item(col: pd.Series, row: int) -> object:
+    """Value at position ``row`` as a plain scalar, so messages read ``inf``, not ``np.float64``."""
+    value = col.iloc[row]
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _censor(col: pd.Series) -> pd.Series:
@@ -405,7 +415,7 @@ def _censor(col: pd.Series) -> pd.Series:
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(
-            f"column 'censor' must hold 0, +1 or -1, found {col.iloc[row]!r} (row {row})"
+            f"column 'censor' must hold 0, +1 or -1, found {_item(col, row)!r} (row {row})"
         )
     return values.astype(np.int64)
 
@@ -436,7 +446,7 @@ def _align(table: pd.DataFrame | None, names: pd.Index) -> np.ndarray | None:
 
 
 def _tensor(x: np.ndarray | None, device: str | torch.device) -> torch.Tensor | None:
-    return None if x is None else torch.as_tensor(x, dtype=torch.float32, device=device)
+    return None if x is None else torch.tensor(x, dtype=torch.float32, device=device)
 
 
 def _shape(table: pd.DataFrame | None) -> tuple[int, int] | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mtl4c_prob.data._dataset import DrugResponseData
+from mtl4c_prob.data._dataset import DrugResponseData, _item
 from mtl4c_prob.exceptions import DataError, DataWarning
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def _response(col: pd.Series, path, name: str) -> np.ndarray:
         row = int(np.flatnonzero(bad)[0])
         kind = "missing" if pd.isna(col.iloc[row]) else "non-numeric or non-finite"
         raise DataError(
-            f"{path}: response column {name!r} has a {kind} value {col.iloc[row]!r} at data "
+            f"{path}: response column {name!r} has a {kind} value {_item(col, row)!r} at data "
             f"row {row + 1} ({int(bad.sum())} such rows); clean the file or drop those rows"
         )
     return values.to_numpy(dtype=float)

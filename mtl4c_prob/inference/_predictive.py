@@ -39,9 +39,12 @@ def draw_loc_scale(
     predictive sites ``"loc"`` and ``"scale"``; otherwise ``(obs draws, None)``. The draws
     depend only on ``seed``, not on how the rows are chunked.
     """
-    pyro.set_rng_seed(seed)
+    draws = []
     with torch.no_grad(), poutine.block():
-        draws = [_draw_once(model, guide, data) for _ in range(num_samples)]
+        for i in range(num_samples):
+            # One seed per draw: draw i is the same whatever the number of rows.
+            pyro.set_rng_seed(seed * 1_000_003 + i)
+            draws.append(_draw_once(model, guide, data))
     if len(draws[0]) == 2:
         return torch.stack([d[0] for d in draws]), torch.stack([d[1] for d in draws])
     return torch.stack([d[0] for d in draws]), None

@@ -15,7 +15,7 @@ import pyro.infer.autoguide as autoguide
 import pyro.optim
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 from mtl4c_prob.data import TensorData
@@ -220,15 +220,33 @@ class FitResult:
         return cls(**d)
 
 
-def _optimizer(config: SVIConfig):
-    gamma = config.lr_decay ** (1.0 / max(1, config.steps))
+def _parameters(guide: Callable, data: TensorData, batch: int | None) -> list[torch.Tensor]:
+    """Unconstrained parameters of ``guide``, created by a first call if need be."""
+    trace = poutine.trace(guide, param_only=True).get_trace(data, batch)
+    params = {id(p): p for p in (guide.parameters() if isinstance(guide, torch.nn.Module) else [])}
+    for site in trace.nodes.values():
+        value = site["value"]
+        value = value.unconstrained() if hasattr(value, "unconstrained") else value
+        params.setdefault(id(value), value)
+    if not params:
+        raise ValueError("the guide has no parameters to fit")
+    return list(params.values())
+
+
+def _optimizer(config: SVIConfig, params: list[torch.Tensor]):
+    """Torch optimiser over every guide parameter, with an exponential schedule.
+
+    One optimiser for all parameters (rather than Pyro's one per parameter) keeps the
+    per-step overhead independent of the number of sites.
+    """
     if config.optimizer == "clippedadam":
-        args = {"lr": config.lr, "lrd": gamma, "clip_norm": config.clip_norm, "betas": (0.9, 0.99)}
-        return pyro.optim.ClippedAdam(args), None
-    scheduler = pyro.optim.ExponentialLR(
-        {"optimizer": torch.optim.Adam, "optim_args": {"lr": config.lr}, "gamma": gamma}
-    )
-    return scheduler, scheduler
+        optim = pyro.optim.clipped_adam.ClippedAdam(
+            params, lr=config.lr, clip_norm=config.clip_norm, betas=(0.9, 0.99)
+        )
+    else:
+        optim = torch.optim.Adam(params, lr=config.lr)
+    gamma = config.lr_decay ** (1.0 / max(1, config.steps))
+    return optim, torch.optim.lr_scheduler.ExponentialLR(optim, gamma)
 
 
 def heldout_nll(model: Callable, guide: Callable, data: TensorData, num_samples: int = 8) -> float:
@@ -282,10 +300,9 @@ def fit_svi(
     if config.early_stopping == "heldout" and val_data is None:
         raise ValueError("early_stopping='heldout' needs validation data (val_data)")
     pyro.set_rng_seed(config.seed)
-    optim, scheduler = _optimizer(config)
-    elbo = Trace_ELBO(num_particles=config.num_particles, vectorize_particles=False)
-    svi = SVI(model, guide, optim, loss=elbo)
     batch = config.batch_size if config.batch_size and config.batch_size < data.n_obs else None
+    elbo = Trace_ELBO(num_particles=config.num_particles, vectorize_particles=False)
+    optim, scheduler = _optimizer(config, _parameters(guide, data, batch))
     result = FitResult(device=str(data.device), settings=config.to_dict())
     best, best_state, bad_evals = math.inf, None, 0
     refresh = max(1, config.steps // 20)
@@ -302,15 +319,18 @@ def fit_svi(
     start = time.perf_counter()
     bar = tqdm(range(config.steps), disable=not config.progress_bar, desc="SVI", leave=False)
     for step in bar:
-        loss = svi.step(data, batch) / data.n_obs
+        loss_t = elbo.differentiable_loss(model, guide, data, batch)
+        loss_t.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        scheduler.step()
+        loss = loss_t.item() / data.n_obs
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"the ELBO became {loss} at step {step}; lower the learning rate (lr={config.lr})"
                 " or standardise the features"
             )
         result.losses.append(loss)
-        if scheduler is not None:
-            scheduler.step()
         if step % refresh == 0 or step == config.steps - 1:
             window = result.losses[-refresh:]
             bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", refresh=False)

@@ -254,6 +254,19 @@ class ProbabilisticModel:
         mask[: len(seen)] = torch.as_tensor(seen, device=device)
         return mask
 
+    # --------------------------------------------------------------- posterior
+    def unpack_sites(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Named latent variables from site values (models with packed sites override)."""
+        return dict(values)
+
+    def posterior_median(self) -> dict[str, np.ndarray]:
+        """Posterior median of every named latent variable under the fitted guide."""
+        if not self.is_fitted or hasattr(self, "task_models_"):
+            raise RuntimeError("posterior_median needs a jointly fitted model")
+        with local_params(), torch.no_grad():
+            values = self.guide_.median()
+        return {k: v.detach().cpu().numpy() for k, v in self.unpack_sites(values).items()}
+
     # ----------------------------------------------------------------- predict
     def predict(
         self,
@@ -445,11 +458,17 @@ class ProbabilisticModel:
             self.init_loc_fn,
             rank=self.fit_result_.settings.get("guide_rank", 10),
         )
+        # The guide builds its parameters on a first call, which needs observed rows.
         probe = pd.DataFrame(
-            {"task": [self.tasks_[0]], "cell": [self.cells_[0]], "drug": [self.drugs_[0]]}
+            {
+                "task": [self.tasks_[0]],
+                "cell": [self.cells_[0]],
+                "drug": [self.drugs_[0]],
+                "y": [float(self.scaler_.mean[0])],
+            }
         )
         with torch.no_grad(), poutine.block():
-            self.guide_(self._tensors(probe, self.device_, with_y=False))
+            self.guide_(self._tensors(probe, self.device_, with_y=True))
         weights = torch.load(path / "guide.pt", map_location=self.device_, weights_only=True)
         self.guide_.load_state_dict(weights)
 
@@ -486,6 +505,13 @@ def _merge_results(results: list[FitResult]) -> FitResult:
 
 def _extend(known: pd.Index, names: pd.Series, table: pd.DataFrame | None, kind: str):
     codes = known.get_indexer(names)
+    if (codes < 0).any():
+        # Other spellings of known names (NCIH1650 for NCI-H1650), when the key is unique.
+        keys = pd.Series([harmonise_key(n) for n in known])
+        unique = keys[~keys.duplicated(keep=False)]
+        by_key = dict(zip(unique, unique.index, strict=True))
+        respelled = names[codes < 0].map(lambda n: by_key.get(harmonise_key(n), -1))
+        codes[codes < 0] = respelled.to_numpy(int)
     unknown = names[codes < 0]
     if len(unknown) == 0:
         return codes, []

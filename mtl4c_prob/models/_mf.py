@@ -207,6 +207,15 @@ class BayesianMF(ProbabilisticModel):
         self._auto_drug = self.drug_features is None and train.drug_features is not None
         super()._prepare(train)
 
+    def unpack_sites(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Named blocks of the packed ``z`` and ``scales`` sites (see :meth:`_layouts`)."""
+        layouts = self._layouts()
+        out = {}
+        for site in ("z", "scales"):
+            if site in values:
+                out.update(layouts[site].unpack(values[site]))
+        return out
+
     def _entity(self, kind: str, data: TensorData, z: dict, sc: dict):
         """Factors and biases of the cells or drugs of ``data``.
 

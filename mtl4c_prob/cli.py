@@ -1,0 +1,357 @@
+"""The ``mtl4c-prob`` command: run, fit, predict and models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from mtl4c_prob import __version__
+from mtl4c_prob.data import (
+    SPLITS,
+    DrugResponseData,
+    load_responses,
+    make_latent_factor_data,
+    prepare_features,
+    read_table,
+    split,
+)
+from mtl4c_prob.exceptions import DataError, Mtl4cWarning
+from mtl4c_prob.models import DESCRIPTIONS, MODEL_FILE, get_model, load_model
+
+logger = logging.getLogger("mtl4c_prob.cli")
+
+OUTPUT_MARKERS = ("metrics.json", "predictions.csv", "model")
+
+
+class _DataAction(argparse.Action):
+    """``--data FILE`` appends a (path, task) pair; ``--task NAME`` names the last one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        files = getattr(namespace, "data", None) or []
+        if option_string == "--data":
+            files.append([values, None])
+        else:
+            if not files:
+                parser.error("--task must follow the --data FILE it names")
+            files[-1][1] = values
+        namespace.data = files
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="mf", help="model name (see `mtl4c-prob models`)")
+    p.add_argument("--rank", type=int, default=None, help="latent factors of factorisation models")
+    p.add_argument("--single-task", action="store_true", help="fit one model per task")
+    p.add_argument("--steps", type=int, default=None, help="SVI steps")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate")
+    p.add_argument("--guide", default="normal", choices=["normal", "lowrank", "delta"])
+    p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default full)")
+    p.add_argument("--num-samples", type=int, default=300, help="posterior draws for prediction")
+    p.add_argument("--level", type=float, default=0.9, help="central interval probability")
+    p.add_argument("--split", default="lpo", choices=sorted(SPLITS))
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--holdout-task", default=None, help="task held out by --split task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser of the ``mtl4c-prob`` command."""
+    parser = argparse.ArgumentParser(
+        prog="mtl4c-prob",
+        description="Probabilistic multitask drug-response models on Pyro.",
+    )
+    parser.add_argument("--version", action="version", version=f"mtl4c-prob {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="fit, predict and report on built-in synthetic data")
+    _add_common(run)
+    run.set_defaults(out=Path("mtl4c-run"))
+    for action in run._actions:
+        if action.dest == "out":
+            action.required = False
+
+    fit = sub.add_parser("fit", help="fit a model on response files, predict the test split")
+    fit.add_argument(
+        "--data",
+        action=_DataAction,
+        metavar="FILE",
+        required=True,
+        help="response file, one task each (repeatable)",
+    )
+    fit.add_argument(
+        "--task",
+        action=_DataAction,
+        metavar="NAME",
+        dest="data",
+        help="name of the task of the preceding --data",
+    )
+    fit.add_argument("--format", default="auto", choices=["auto", "gdsc", "long"])
+    fit.add_argument("--response", default="auto", help="GDSC response column: LN_IC50 or AUC")
+    fit.add_argument("--cell-col", default="cell", help="long format: cell column")
+    fit.add_argument("--drug-col", default="drug", help="long format: drug column")
+    fit.add_argument("--y-col", default="y", help="long format: response column")
+    fit.add_argument("--task-col", default=None, help="long format: task column")
+    fit.add_argument("--censor-col", default=None, help="long format: censor column (0/+1/-1)")
+    fit.add_argument("--duplicates", default="mean", choices=["mean", "keep", "first", "error"])
+    fit.add_argument("--cell-features", type=Path, default=None)
+    fit.add_argument("--drug-features", type=Path, default=None)
+    fit.add_argument("--cell-pca", type=int, default=None, help="principal components of cells")
+    fit.add_argument("--drug-pca", type=int, default=None, help="principal components of drugs")
+    _add_common(fit)
+
+    pred = sub.add_parser("predict", help="predict (task, cell, drug) pairs from a saved model")
+    pred.add_argument("--model-dir", required=True, type=Path)
+    pred.add_argument("--pairs", required=True, type=Path, help="CSV with task, cell, drug")
+    pred.add_argument("--out", required=True, type=Path, help="output CSV")
+    pred.add_argument("--level", type=float, default=0.9)
+    pred.add_argument("--num-samples", type=int, default=300)
+    pred.add_argument("--seed", type=int, default=0)
+    pred.add_argument("--device", default=None)
+    pred.add_argument("-q", "--quiet", action="store_true")
+
+    sub.add_parser("models", help="list the available models")
+    return parser
+
+
+# ----------------------------------------------------------------------- outputs
+class _OutputFolder:
+    """Build an output folder next to its destination and move it in place at the end."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        if out.exists() and not _replaceable(out):
+            raise DataError(
+                f"output folder {out} exists and is not an mtl4c-prob output folder; "
+                "choose another --out"
+            )
+
+    def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.tmp, self.out)
+
+
+def _replaceable(out: Path) -> bool:
+    if not out.is_dir():
+        return False
+    names = {p.name for p in out.iterdir()}
+    return not names or bool(names & set(OUTPUT_MARKERS))
+
+
+def _model_params(args) -> dict:
+    params = {}
+    if args.rank is not None:
+        params["rank"] = args.rank
+    if args.single_task:
+        params["multitask"] = False
+    return params
+
+
+def _fit_config(args, default_steps: int) -> dict:
+    return {
+        "steps": args.steps or default_steps,
+        "lr": args.lr or 0.05,
+        "guide": args.guide,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "device": args.device,
+        "progress_bar": not args.quiet and sys.stderr.isatty(),
+    }
+
+
+def _fit_and_report(args, data: DrugResponseData, folder: Path, extra_info: dict) -> dict:
+    """Split, fit, predict the held-out pairs and write every output file into ``folder``."""
+    from mtl4c_prob.evaluation import evaluate_frame, write_report
+
+    train, test = split(data, args.split, args.test_fraction, args.seed, args.holdout_task)
+    cell_pca = getattr(args, "cell_pca", None)
+    drug_pca = getattr(args, "drug_pca", None)
+    if train.cell_features is not None or train.drug_features is not None:
+        train, test = prepare_features(train, test, cell_pca=cell_pca, drug_pca=drug_pca)
+    elif cell_pca or drug_pca:
+        raise DataError("--cell-pca/--drug-pca need --cell-features/--drug-features")
+
+    model = get_model(args.model, **_model_params(args))
+    start = time.perf_counter()
+    model.fit(train, **_fit_config(args, default_steps=1000))
+    fit_seconds = time.perf_counter() - start
+    pred = model.predict(test, level=args.level, num_samples=args.num_samples, seed=args.seed)
+
+    columns = ["task", "cell", "drug", "y", "mean", "sd", "lower", "upper"]
+    pred[columns].to_csv(folder / "predictions.csv", index=False)
+    metrics = evaluate_frame(pred, level=args.level)
+    info = {
+        "model": args.model,
+        "split": args.split,
+        "test_fraction": args.test_fraction,
+        "seed": args.seed,
+        "level": args.level,
+        "n_train": train.n_obs,
+        "n_test": test.n_obs,
+        "fit_seconds": round(fit_seconds, 3),
+        "steps": model.fit_result_.steps,
+        "device": model.fit_result_.device,
+        **extra_info,
+    }
+    metrics["info"] = info
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    model.save(folder / "model")
+    summary = data.summary()
+    write_report(
+        folder / "report.html",
+        pred[columns],
+        {"overall": metrics["overall"], "per_task": metrics["per_task"]},
+        loss_history=model.fit_result_.losses,
+        val_loss_history=model.fit_result_.val_losses or None,
+        settings=info,
+        data_summary={k: v for k, v in summary.items() if k != "per_task"},
+        title=f"mtl4c-prob: {args.model} on {', '.join(map(str, data.tasks))}",
+        level=args.level,
+    )
+    return metrics
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_run(args) -> int:
+    """Fit the multitask Bayesian MF on built-in synthetic data (three correlated tasks)."""
+    data, truth = make_latent_factor_data(
+        n_cells=300,
+        n_drugs=60,
+        n_tasks=3,
+        rank=5,
+        noise=[0.3, 0.4, 0.5],
+        task_correlation=0.8,
+        missing=[0.3, 0.5, 0.7],
+        seed=args.seed,
+    )
+    if args.rank is None:
+        args.rank = 8
+    if args.steps is None:
+        args.steps = 800
+    with _OutputFolder(args.out) as folder:
+        metrics = _fit_and_report(args, data, folder, {"data": "synthetic latent-factor, 3 tasks"})
+    _print_metrics(metrics, args.out)
+    return 0
+
+
+def cmd_fit(args) -> int:
+    """Fit a model on user files."""
+    files = [(Path(p), t) for p, t in args.data]
+    long_columns = {
+        "cell": args.cell_col,
+        "drug": args.drug_col,
+        "y": args.y_col,
+        "task_column": args.task_col,
+        "censor": args.censor_col,
+    }
+    with _OutputFolder(args.out) as folder:
+        data, report = load_responses(
+            files,
+            format=args.format,
+            response=args.response,
+            cell_features=args.cell_features,
+            drug_features=args.drug_features,
+            duplicates=args.duplicates,
+            long_columns=long_columns,
+        )
+        metrics = _fit_and_report(args, data, folder, {"files": [str(p) for p, _ in files]})
+        (folder / "harmonisation.json").write_text(json.dumps(report.to_dict(), indent=1))
+    _print_metrics(metrics, args.out)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    """Predict pairs from a saved model."""
+    model_dir = args.model_dir
+    if not (model_dir / MODEL_FILE).is_file() and (model_dir / "model" / MODEL_FILE).is_file():
+        model_dir = model_dir / "model"
+    if not (model_dir / MODEL_FILE).is_file():
+        raise DataError(f"no saved model in {args.model_dir}")
+    model = load_model(model_dir, device=args.device)
+    pairs = read_table(args.pairs)
+    pairs.columns = [str(c).strip().lower() for c in pairs.columns]
+    if "task" not in pairs.columns and len(model.tasks_) == 1:
+        pairs["task"] = model.tasks_[0]
+    missing = [c for c in ("task", "cell", "drug") if c not in pairs.columns]
+    if missing:
+        raise DataError(f"{args.pairs}: column(s) {missing} missing; it has {list(pairs.columns)}")
+    pred = model.predict(
+        pairs[["task", "cell", "drug"]],
+        level=args.level,
+        num_samples=args.num_samples,
+        seed=args.seed,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    pred[["task", "cell", "drug", "mean", "sd", "lower", "upper"]].to_csv(tmp, index=False)
+    os.replace(tmp, args.out)
+    print(f"wrote {len(pred)} predictions to {args.out}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    """List the models."""
+    width = max(map(len, DESCRIPTIONS))
+    for name, text in DESCRIPTIONS.items():
+        print(f"{name:<{width}}  {text}")
+    return 0
+
+
+def _print_metrics(metrics: dict, out: Path) -> None:
+    overall = metrics["overall"]
+    keys = [k for k in ("rmse", "pearson", "nll", "crps") if k in overall]
+    keys += [k for k in overall if k.startswith("coverage_")]
+    print("overall: " + ", ".join(f"{k} {overall[k]:.4f}" for k in keys))
+    for task, values in metrics["per_task"].items():
+        print(f"  {task}: " + ", ".join(f"{k} {values[k]:.4f}" for k in keys if k in values))
+    print(f"outputs in {out}")
+
+
+COMMANDS = {"run": cmd_run, "fit": cmd_fit, "predict": cmd_predict, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mtl4c-prob`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    warnings.simplefilter("default", Mtl4cWarning)
+    warnings.filterwarnings("ignore", message=".*ArviZ is undergoing a major refactor.*")
+    try:
+        return COMMANDS[args.command](args)
+    except (DataError, ValueError, KeyError, FileNotFoundError, TypeError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"mtl4c-prob: error: {message}", file=sys.stderr)
+        return 2
+    except pd.errors.EmptyDataError as exc:
+        print(f"mtl4c-prob: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
