@@ -245,10 +245,16 @@ def test_tensors_do_not_alias_the_frame():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"y": [1.0, "abc", 3.0, 4.0, 5.0]}, r"column 'y' holds a non-numeric value 'abc' \(row 1\)"),
+        (
+            {"y": [1.0, "abc", 3.0, 4.0, 5.0]},
+            r"column 'y' holds a non-numeric value 'abc' \(row 1\)",
+        ),
         ({"y": [1.0, 2.0, np.inf, 4.0, 5.0]}, r"column 'y' .* non-finite value inf \(row 2\)"),
         ({"y": [1.0, 2.0, 3.0, np.nan, 5.0]}, r"column 'y' .* missing .* value nan \(row 3\)"),
-        ({"censor": [0, 1, -1, 2, 0]}, r"column 'censor' must hold 0, \+1 or -1, found 2 \(row 3\)"),
+        (
+            {"censor": [0, 1, -1, 2, 0]},
+            r"column 'censor' must hold 0, \+1 or -1, found 2 \(row 3\)",
+        ),
         ({"censor": [0, 0.5, 0, 0, 0]}, r"found 0.5 \(row 1\)"),
     ],
     ids=["non-numeric-y", "inf-y", "nan-y", "censor-2", "censor-half"],
@@ -271,7 +277,11 @@ def test_numeric_strings_are_accepted():
 @pytest.mark.parametrize(
     ("table", "error", "message"),
     [
-        (pd.DataFrame({"f": [1.0, 2.0]}, index=["c1", "c1"]), DataError, "duplicated row name 'c1'"),
+        (
+            pd.DataFrame({"f": [1.0, 2.0]}, index=["c1", "c1"]),
+            DataError,
+            "duplicated row name 'c1'",
+        ),
         (pd.DataFrame({"f": ["x", "y"]}, index=["c1", "c2"]), DataError, "non-numeric"),
         (pd.DataFrame({"f": [1.0, np.inf]}, index=["c1", "c2"]), DataError, "infinite"),
         (np.ones((3, 2)), TypeError, "must be a pandas DataFrame"),

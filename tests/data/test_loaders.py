@@ -391,9 +391,7 @@ def test_duplicates_first_keep_and_error(duplicated_file):
 
 def test_duplicates_mean_keeps_censoring(tmp_path):
     frame = pd.DataFrame({"cell": ["A", "A"], "drug": "d", "y": [7.0, 9.0], "capped": [0, 1]})
-    data, _ = load_responses(
-        [write(tmp_path / "c.csv", frame)], long_columns={"censor": "capped"}
-    )
+    data, _ = load_responses([write(tmp_path / "c.csv", frame)], long_columns={"censor": "capped"})
     assert data.n_obs == 1 and data.y[0] == 8.0 and data.censor[0] == 1
 
 
@@ -405,10 +403,14 @@ def test_load_features_from_csv_parquet_and_frame(tmp_path):
     csv = write(tmp_path / "f.csv", frame)
     parquet = write(tmp_path / "f.parquet", frame.set_index("name"), index=True)
 
-    for table in (load_features(csv), load_features(parquet), load_features(frame.set_index("name"))):
+    for table in (
+        load_features(csv),
+        load_features(parquet),
+        load_features(frame.set_index("name")),
+    ):
         assert list(table.index) == ["A", "B"]
         assert list(table.columns) == ["g1", "g2"]
-        assert (table.dtypes == float).all()
+        assert (table.dtypes == "float64").all()
         np.testing.assert_array_equal(table.to_numpy(), [[1.0, 0.5], [2.0, 0.25]])
 
 
@@ -416,14 +418,18 @@ def test_load_features_errors(tmp_path):
     text = write(tmp_path / "t.csv", pd.DataFrame({"name": ["A"], "g": [1.0], "tissue": ["lung"]}))
     dup = write(tmp_path / "d.csv", pd.DataFrame({"name": ["A", "A"], "g": [1.0, 2.0]}))
 
-    with pytest.raises(DataError, match=r"cell feature table has non-numeric column\(s\) \['tissue'\]"):
+    with pytest.raises(
+        DataError, match=r"cell feature table has non-numeric column\(s\) \['tissue'\]"
+    ):
         load_features(text)
     with pytest.raises(DataError, match="drug feature table repeats the name 'A'"):
         load_features(dup, kind="drug")
 
 
 def test_drug_features_without_row_are_logged(tmp_path, caplog):
-    path = write(tmp_path / "r.csv", pd.DataFrame({"cell": "A", "drug": ["x", "y"], "y": [1.0, 2.0]}))
+    path = write(
+        tmp_path / "r.csv", pd.DataFrame({"cell": "A", "drug": ["x", "y"], "y": [1.0, 2.0]})
+    )
     drugs = pd.DataFrame({"fp": [1.0]}, index=["x"])
 
     with caplog.at_level(logging.WARNING, logger="mtl4c_prob.data._loaders"):

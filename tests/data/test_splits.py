@@ -135,7 +135,9 @@ def test_task_split_defaults_to_last_task_and_can_hold_out_all_of_it(data):
 @pytest.mark.parametrize("kind", KINDS)
 def test_kfold_puts_every_unit_in_exactly_one_test_fold(data, kind):
     units = unit_codes(data, kind)
-    eligible = data.frame["task"].eq("ccle").to_numpy() if kind == "task" else np.ones(data.n_obs, bool)
+    eligible = (
+        data.frame["task"].eq("ccle").to_numpy() if kind == "task" else np.ones(data.n_obs, bool)
+    )
 
     folds = list(kfold_indices(data, kind, k=4, seed=7))
 
@@ -172,11 +174,17 @@ def test_kfold_yields_datasets(data):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"kind": "tissue"}, r"unknown split 'tissue'; choose one of \['lco', 'ldo', 'lpo', 'task'\]"),
+        (
+            {"kind": "tissue"},
+            r"unknown split 'tissue'; choose one of \['lco', 'ldo', 'lpo', 'task'\]",
+        ),
         ({"test_fraction": 0.0}, r"test_fraction must be in \(0, 1\)"),
         ({"test_fraction": 1.5}, r"test_fraction must be in \(0, 1\)"),
         ({"test_fraction": 1.0}, r"or 1.0 for kind='task'\), got 1.0"),
-        ({"kind": "lco", "test_fraction": 0.01}, r"lco split with test_fraction=0.01 leaves an empty"),
+        (
+            {"kind": "lco", "test_fraction": 0.01},
+            r"lco split with test_fraction=0.01 leaves an empty",
+        ),
         ({"kind": "ldo", "test_fraction": 0.99}, r"ldo split .* leaves an empty side \(12 units"),
         ({"kind": "task", "task": "nci60"}, r"task 'nci60' is not among the tasks"),
     ],

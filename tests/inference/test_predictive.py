@@ -40,10 +40,12 @@ def test_summary_moments_and_chunking(fitted):
     data = tensors(np.zeros(7))
     with local_params():
         whole = predictive_summary(conjugate_model, fitted, data, num_samples=200, seed=4)
-        chunked = predictive_summary(conjugate_model, fitted, data, num_samples=200, seed=4,
-                                     max_elements=600)
-        again = predictive_summary(conjugate_model, fitted, data.take(torch.arange(3)),
-                                   num_samples=200, seed=4)
+        chunked = predictive_summary(
+            conjugate_model, fitted, data, num_samples=200, seed=4, max_elements=600
+        )
+        again = predictive_summary(
+            conjugate_model, fitted, data.take(torch.arange(3)), num_samples=200, seed=4
+        )
     for key in ("mean", "sd", "quantiles"):
         np.testing.assert_allclose(whole[key], chunked[key], rtol=1e-6)
     # Draws depend on the seed only, not on the number of rows predicted.
@@ -56,8 +58,7 @@ def test_summary_moments_and_chunking(fitted):
 def test_summary_draws_and_errors(fitted):
     data = tensors(np.zeros(4))
     with local_params():
-        out = predictive_summary(conjugate_model, fitted, data, num_samples=50,
-                                 return_draws=True)
+        out = predictive_summary(conjugate_model, fitted, data, num_samples=50, return_draws=True)
         assert out["draws"].shape == (50, 4)
         with pytest.raises(ValueError, match="num_samples"):
             predictive_summary(conjugate_model, fitted, data, num_samples=1)

@@ -34,8 +34,18 @@ def conjugate_model(data, subsample_size=None):
 def tensors(y):
     n = len(y)
     zeros = torch.zeros(n, dtype=torch.long)
-    return TensorData(zeros, zeros, zeros, torch.as_tensor(y, dtype=torch.float32), None,
-                      None, None, n_tasks=1, n_cells=1, n_drugs=1)
+    return TensorData(
+        zeros,
+        zeros,
+        zeros,
+        torch.as_tensor(y, dtype=torch.float32),
+        None,
+        None,
+        None,
+        n_tasks=1,
+        n_cells=1,
+        n_drugs=1,
+    )
 
 
 def analytic(y):
@@ -59,8 +69,9 @@ def test_svi_matches_conjugate_posterior(observations, batch_size):
     mean, sd = analytic(observations)
     with local_params():
         guide = make_guide("normal", conjugate_model)
-        config = SVIConfig(steps=1500, lr=0.05, lr_decay=0.05, batch_size=batch_size,
-                           progress_bar=False, seed=1)
+        config = SVIConfig(
+            steps=1500, lr=0.05, lr_decay=0.05, batch_size=batch_size, progress_bar=False, seed=1
+        )
         result = fit_svi(conjugate_model, guide, tensors(observations), config)
         loc, scale = posterior(guide)
     # The posterior sd is 0.07; SVI noise after a decayed schedule is well below it, and
@@ -76,8 +87,12 @@ def test_delta_guide_gives_map(observations):
     mean, _ = analytic(observations)
     with local_params():
         guide = make_guide("delta", conjugate_model)
-        fit_svi(conjugate_model, guide, tensors(observations),
-                SVIConfig(steps=800, lr=0.05, progress_bar=False))
+        fit_svi(
+            conjugate_model,
+            guide,
+            tensors(observations),
+            SVIConfig(steps=800, lr=0.05, progress_bar=False),
+        )
         # With a Gaussian prior and likelihood, the MAP equals the posterior mean.
         assert abs(guide.median()["mu"].item() - mean) < 0.02
 
@@ -87,8 +102,12 @@ def test_seeded_fits_are_reproducible(observations):
     for _ in range(2):
         with local_params():
             guide = make_guide("normal", conjugate_model)
-            result = fit_svi(conjugate_model, guide, tensors(observations),
-                             SVIConfig(steps=50, seed=3, progress_bar=False))
+            result = fit_svi(
+                conjugate_model,
+                guide,
+                tensors(observations),
+                SVIConfig(steps=50, seed=3, progress_bar=False),
+            )
             runs.append((result.losses, posterior(guide)))
     assert runs[0] == runs[1]
 
@@ -96,8 +115,12 @@ def test_seeded_fits_are_reproducible(observations):
 def test_heldout_nll_near_gaussian_entropy(observations):
     with local_params():
         guide = make_guide("normal", conjugate_model)
-        fit_svi(conjugate_model, guide, tensors(observations),
-                SVIConfig(steps=800, lr=0.05, progress_bar=False))
+        fit_svi(
+            conjugate_model,
+            guide,
+            tensors(observations),
+            SVIConfig(steps=800, lr=0.05, progress_bar=False),
+        )
         fresh = np.random.default_rng(5).normal(1.5, NOISE_SD, size=4000)
         nll = heldout_nll(conjugate_model, guide, tensors(fresh), num_samples=16)
     # Expected NLL of N(1.5, 1) data under N(~1.5, ~1): 0.5 log(2 pi e) = 1.419.
@@ -107,10 +130,22 @@ def test_heldout_nll_near_gaussian_entropy(observations):
 def test_heldout_early_stopping_restores_best(observations):
     with local_params():
         guide = make_guide("normal", conjugate_model)
-        config = SVIConfig(steps=3000, lr=0.05, early_stopping="heldout", eval_every=25,
-                           patience=2, tol=1e-3, progress_bar=False)
-        result = fit_svi(conjugate_model, guide, tensors(observations), config,
-                         val_data=tensors(observations[:50]))
+        config = SVIConfig(
+            steps=3000,
+            lr=0.05,
+            early_stopping="heldout",
+            eval_every=25,
+            patience=2,
+            tol=1e-3,
+            progress_bar=False,
+        )
+        result = fit_svi(
+            conjugate_model,
+            guide,
+            tensors(observations),
+            config,
+            val_data=tensors(observations[:50]),
+        )
     assert result.stopped_early and result.steps < 3000
     assert result.best_step is not None and result.best_step <= result.steps
     assert [s for s, _ in result.val_losses] == list(range(25, result.steps + 1, 25))
@@ -119,14 +154,22 @@ def test_heldout_early_stopping_restores_best(observations):
 def test_plateau_stopping_and_warning(observations):
     with local_params():
         guide = make_guide("normal", conjugate_model)
-        config = SVIConfig(steps=4000, lr=0.05, early_stopping="plateau", eval_every=100,
-                           patience=2, tol=1e-3, progress_bar=False)
+        config = SVIConfig(
+            steps=4000,
+            lr=0.05,
+            early_stopping="plateau",
+            eval_every=100,
+            patience=2,
+            tol=1e-3,
+            progress_bar=False,
+        )
         result = fit_svi(conjugate_model, guide, tensors(observations), config)
     assert result.stopped_early and result.steps < 4000
     with local_params():
         guide = make_guide("normal", conjugate_model)
-        config = SVIConfig(steps=40, early_stopping="plateau", eval_every=10, patience=50,
-                           progress_bar=False)
+        config = SVIConfig(
+            steps=40, early_stopping="plateau", eval_every=10, patience=50, progress_bar=False
+        )
         with pytest.warns(ConvergenceWarning, match="plateau"):
             fit_svi(conjugate_model, guide, tensors(observations), config)
 
@@ -135,16 +178,21 @@ def test_adam_with_schedule(observations):
     mean, _ = analytic(observations)
     with local_params():
         guide = make_guide("normal", conjugate_model)
-        fit_svi(conjugate_model, guide, tensors(observations),
-                SVIConfig(steps=1500, lr=0.05, optimizer="adam", progress_bar=False))
+        fit_svi(
+            conjugate_model,
+            guide,
+            tensors(observations),
+            SVIConfig(steps=1500, lr=0.05, optimizer="adam", progress_bar=False),
+        )
         assert abs(posterior(guide)[0] - mean) < 0.03
 
 
 def test_lowrank_guide_runs(observations):
     with local_params():
         guide = make_guide("lowrank", conjugate_model, rank=1)
-        result = fit_svi(conjugate_model, guide, tensors(observations),
-                         SVIConfig(steps=20, progress_bar=False))
+        result = fit_svi(
+            conjugate_model, guide, tensors(observations), SVIConfig(steps=20, progress_bar=False)
+        )
     assert np.isfinite(result.losses).all()
 
 
@@ -172,8 +220,12 @@ def test_config_rejects_bad_values(kwargs, match):
 
 def test_heldout_stopping_needs_validation(observations):
     with local_params(), pytest.raises(ValueError, match="val_data"):
-        fit_svi(conjugate_model, make_guide("normal", conjugate_model), tensors(observations),
-                SVIConfig(early_stopping="heldout", progress_bar=False))
+        fit_svi(
+            conjugate_model,
+            make_guide("normal", conjugate_model),
+            tensors(observations),
+            SVIConfig(early_stopping="heldout", progress_bar=False),
+        )
 
 
 def test_devices():
