@@ -3,8 +3,14 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from mtl4c_prob.inference import local_params, make_guide, mixture_quantiles, predictive_summary
-from mtl4c_prob.inference import SVIConfig, fit_svi
+from mtl4c_prob.inference import (
+    SVIConfig,
+    fit_svi,
+    local_params,
+    make_guide,
+    mixture_quantiles,
+    predictive_summary,
+)
 
 from .test_svi import conjugate_model, tensors
 
