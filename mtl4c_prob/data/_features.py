@@ -99,7 +99,7 @@ def _fit_side(
     if table is None:
         return None
     seen = pd.Index(train.frame[col].unique())
-    rows = table
+    rows = table.loc[table.index.intersection(seen)]
     if len(rows) == 0:
         raise DataError(f"no training {col} has a row in the {col} feature table")
     transformer = FeatureTransformer(n_components).fit(rows)
