@@ -131,6 +131,9 @@ class SVIConfig:
         Show a tqdm bar with the running-mean loss.
     log_every : int, optional
         Also log the loss every that many steps (for batch jobs).
+    validate : bool, default=False
+        Keep Pyro's distribution argument checks on during the fit (slower; for debugging
+        a new model).
     """
 
     steps: int = 1000
@@ -150,6 +153,7 @@ class SVIConfig:
     tol: float = 1e-3
     progress_bar: bool = True
     log_every: int | None = None
+    validate: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -299,6 +303,11 @@ def fit_svi(
     """
     if config.early_stopping == "heldout" and val_data is None:
         raise ValueError("early_stopping='heldout' needs validation data (val_data)")
+    with pyro.validation_enabled(config.validate):
+        return _fit(model, guide, data, config, val_data)
+
+
+def _fit(model, guide, data, config, val_data) -> FitResult:
     pyro.set_rng_seed(config.seed)
     batch = config.batch_size if config.batch_size and config.batch_size < data.n_obs else None
     elbo = Trace_ELBO(num_particles=config.num_particles, vectorize_particles=False)

@@ -284,16 +284,8 @@ class BayesianMF(ProbabilisticModel):
             "observations", data.n_obs, subsample_size=subsample_size, device=dev
         ) as idx:
             t, c, d = data.task[idx], data.cell[idx], data.drug[idx]
-            tu = t if U.shape[0] > 1 else torch.zeros_like(t)
-            loc = (
-                task_offset[t]
-                + cell_bias[tu, c]
-                + drug_bias[tu, d]
-                + _interaction(U, V, tu, c, d, len(idx))
-            )
-            scale = log_noise[
-                t, c if log_noise.shape[1] > 1 else 0, d if log_noise.shape[2] > 1 else 0
-            ].exp()
+            loc, log_scale = _moments(task_offset, U, cell_bias, V, drug_bias, log_noise, t, c, d)
+            scale = log_scale.exp()
             pyro.deterministic("loc", loc)
             pyro.deterministic("scale", scale)
             y = None if data.y is None else data.y[idx]
@@ -318,12 +310,28 @@ def _fresh(z: torch.Tensor, seen: torch.Tensor, axis: int = 0) -> torch.Tensor:
     return torch.where(mask, z, torch.randn_like(z))
 
 
-def _interaction(U, V, t, c, d, n_rows: int) -> torch.Tensor:
-    """Row-wise U_tc . V_td, through one dense product when that is cheaper than gathers."""
-    n_t, n_c, rank = U.shape
-    n_d = V.shape[1]
+def _moments(task_offset, U, cell_bias, V, drug_bias, log_noise, t, c, d):
+    """Mean and log sd of each row (task t, cell c, drug d).
+
+    Shapes: ``task_offset`` (T,), ``U`` (T or 1, I, R), ``cell_bias`` (T or 1, I), ``V`` (T or
+    1, J, R), ``drug_bias`` (T or 1, J), ``log_noise`` (T, I or 1, J or 1). When the dense
+    (T, I, J) array is no more than three times the rows, both moments are formed densely
+    and read out with one gather (one scatter in the backward pass); otherwise row-wise.
+    """
+    n_t, n_c, n_d = task_offset.shape[0], U.shape[1], V.shape[1]
     size = n_t * n_c * n_d
-    if size <= 3 * n_rows and size <= 50_000_000:
-        M = torch.einsum("tir,tjr->tij", U, V.expand(n_t, n_d, rank))
-        return M.reshape(-1)[(t * n_c + c) * n_d + d]
-    return (U[t, c] * V[t if V.shape[0] > 1 else torch.zeros_like(t), d]).sum(-1)
+    if size <= 3 * len(t) and size <= 50_000_000:
+        loc = (
+            task_offset[:, None, None]
+            + cell_bias[:, :, None]
+            + drug_bias[:, None, :]
+            + U @ V.transpose(-1, -2)
+        )
+        both = torch.stack([loc.expand(n_t, n_c, n_d), log_noise.expand(n_t, n_c, n_d)])
+        rows = both.reshape(2, -1)[:, (t * n_c + c) * n_d + d]
+        return rows[0], rows[1]
+    tu = t if U.shape[0] > 1 else torch.zeros_like(t)
+    loc = task_offset[t] + cell_bias[tu, c] + drug_bias[tu, d] + (U[tu, c] * V[tu, d]).sum(-1)
+    ci = c if log_noise.shape[1] > 1 else torch.zeros_like(c)
+    di = d if log_noise.shape[2] > 1 else torch.zeros_like(d)
+    return loc, log_noise[t, ci, di]
