@@ -16,7 +16,7 @@ import pyro.optim
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mtl4c_prob.data import TensorData
 from mtl4c_prob.exceptions import ConvergenceWarning

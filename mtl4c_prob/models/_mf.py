@@ -283,13 +283,12 @@ class BayesianMF(ProbabilisticModel):
         with pyro.plate(
             "observations", data.n_obs, subsample_size=subsample_size, device=dev
         ) as idx:
-            t, c, d = data.task[idx], data.cell[idx], data.drug[idx]
-            loc, log_scale = _moments(task_offset, U, cell_bias, V, drug_bias, log_noise, t, c, d)
+            rows = _rows(data, idx, subsample_size)
+            loc, log_scale = _moments(task_offset, U, cell_bias, V, drug_bias, log_noise, *rows[:3])
             scale = log_scale.exp()
             pyro.deterministic("loc", loc)
             pyro.deterministic("scale", scale)
-            y = None if data.y is None else data.y[idx]
-            censor = None if data.censor is None else data.censor[idx]
+            y, censor = rows[3], rows[4]
             pyro.sample("obs", gaussian_likelihood(loc, scale, censor), obs=y)
 
 
@@ -310,6 +309,14 @@ def _fresh(z: torch.Tensor, seen: torch.Tensor, axis: int = 0) -> torch.Tensor:
     return torch.where(mask, z, torch.randn_like(z))
 
 
+def _rows(data: TensorData, idx: torch.Tensor, subsample_size: int | None) -> tuple:
+    """Task, cell, drug, y and censor of the rows ``idx`` (no copy for a full batch)."""
+    cols = (data.task, data.cell, data.drug, data.y, data.censor)
+    if subsample_size is None or subsample_size >= data.n_obs:
+        return cols
+    return tuple(None if col is None else col[idx] for col in cols)
+
+
 def _moments(task_offset, U, cell_bias, V, drug_bias, log_noise, t, c, d):
     """Mean and log sd of each row (task t, cell c, drug d).
 
@@ -328,8 +335,8 @@ def _moments(task_offset, U, cell_bias, V, drug_bias, log_noise, t, c, d):
             + U @ V.transpose(-1, -2)
         )
         both = torch.stack([loc.expand(n_t, n_c, n_d), log_noise.expand(n_t, n_c, n_d)])
-        rows = both.reshape(2, -1)[:, (t * n_c + c) * n_d + d]
-        return rows[0], rows[1]
+        flat = torch.index_select(both.reshape(2, -1), 1, (t * n_c + c) * n_d + d)
+        return flat[0], flat[1]
     tu = t if U.shape[0] > 1 else torch.zeros_like(t)
     loc = task_offset[t] + cell_bias[tu, c] + drug_bias[tu, d] + (U[tu, c] * V[tu, d]).sum(-1)
     ci = c if log_noise.shape[1] > 1 else torch.zeros_like(c)
