@@ -130,7 +130,7 @@ def main() -> None:
     except ImportError:
         print("scikit-surprise not installed: SVD skipped")
 
-    defaults = {"lpo": (50, 500, 0.05), "lco": (30, 500, 0.05)}[args.split]
+    defaults = {"lpo": (50, 1000, 0.05), "lco": (50, 1000, 0.05)}[args.split]
     rank = args.rank or defaults[0]
     steps = args.steps or defaults[1]
     lr = args.lr or defaults[2]

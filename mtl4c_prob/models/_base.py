@@ -165,7 +165,9 @@ class ProbabilisticModel:
 
     def _make_guide(self, config: SVIConfig):
         self.guide_name_ = config.guide if isinstance(config.guide, str) else "custom"
-        return make_guide(config.guide, self.model, self.init_loc_fn, rank=config.guide_rank)
+        return make_guide(
+            config.guide, self.model, self.init_loc_fn, config.guide_rank, config.init_scale
+        )
 
     def _prepare(self, train: DrugResponseData) -> None:
         """Fix code spaces, standardisation, features and seen masks from the training rows."""
