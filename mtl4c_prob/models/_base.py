@@ -174,6 +174,7 @@ class ProbabilisticModel:
         self.tasks_, self.cells_, self.drugs_ = train.tasks, train.cells, train.drugs
         self.n_tasks_, self.n_cells_, self.n_drugs_ = train.n_tasks, train.n_cells, train.n_drugs
         self.scaler_ = train.task_scaler()
+        self._seen_cache = {}
         self.seen_cells_ = np.bincount(train.codes("cell"), minlength=self.n_cells_) > 0
         self.seen_drugs_ = np.bincount(train.codes("drug"), minlength=self.n_drugs_) > 0
         self.cell_table_ = self._feature_table(train.cell_features, "cell")
@@ -251,10 +252,15 @@ class ProbabilisticModel:
 
     def seen_mask(self, kind: str, n_total: int, device: torch.device) -> torch.Tensor:
         """Bool tensor of shape (n_total,): which cells (or drugs) had training rows."""
-        seen = self.seen_cells_ if kind == "cell" else self.seen_drugs_
-        mask = torch.zeros(n_total, dtype=torch.bool, device=device)
-        mask[: len(seen)] = torch.as_tensor(seen, device=device)
-        return mask
+        # Cached per (kind, size, device): models call this in every step.
+        cache = self.__dict__.setdefault("_seen_cache", {})
+        key = (kind, n_total, str(device))
+        if key not in cache:
+            seen = self.seen_cells_ if kind == "cell" else self.seen_drugs_
+            mask = torch.zeros(n_total, dtype=torch.bool)
+            mask[: len(seen)] = torch.as_tensor(seen)
+            cache[key] = mask.to(device)
+        return cache[key]
 
     # --------------------------------------------------------------- posterior
     def unpack_sites(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -438,6 +444,7 @@ class ProbabilisticModel:
             len(self.drugs_),
         )
         self.scaler_ = TaskScaler.from_dict(state["scaler"])
+        self._seen_cache = {}
         self.seen_cells_ = np.asarray(state["seen_cells"], bool)
         self.seen_drugs_ = np.asarray(state["seen_drugs"], bool)
         tables = {}

@@ -44,8 +44,12 @@ class Layout:
         self.scales.extend([float(scale)] * n)
 
     def scale_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Prior scale of every element, shape (size,)."""
-        return torch.tensor(self.scales, dtype=torch.float32, device=device)
+        """Prior scale of every element, shape (size,), cached per device."""
+        cache = self.__dict__.setdefault("_tensors", {})
+        key = (str(device), self.size)
+        if key not in cache:
+            cache[key] = torch.tensor(self.scales, dtype=torch.float32, device=device)
+        return cache[key]
 
     def unpack(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named views of ``vector`` of shape (..., size) as (..., *block shape)."""

@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from mtl4c_prob.data import DrugResponseData, make_latent_factor_data, split
 from mtl4c_prob.evaluation.metrics import coverage, rmse
@@ -208,3 +209,13 @@ def test_real_gdsc_slice(gdsc_dir):
     # Measured: MF about 0.95, drug means about 1.45 on this slice.
     assert rmse(pred["y"], pred["mean"]) < 0.8 * baseline
     assert 0.85 <= coverage(pred["y"], pred["lower"], pred["upper"]) <= 0.95
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_and_predict_on_cuda(tiny_split):
+    train, test = tiny_split
+    model = BayesianMF(rank=3).fit(train, **{**FIT, "device": "cuda"})
+    assert model.device_.type == "cuda"
+    pred = model.predict(test, num_samples=50)
+    assert (pred["sd"] > 0).all() and rmse(pred["y"], pred["mean"]) < test.y.std()
