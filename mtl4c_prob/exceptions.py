@@ -8,6 +8,7 @@ __all__ = [
     "DataWarning",
     "Mtl4cWarning",
     "NumericalWarning",
+    "warn_external",
 ]
 
 
@@ -29,3 +30,18 @@ class DataWarning(Mtl4cWarning):
 
 class DataError(ValueError):
     """Input data is malformed: the message names the file, row or column at fault."""
+
+
+def warn_external(message: str, category: type[Warning]) -> None:
+    """Warn, attributing the warning to the first caller outside mtl4c_prob.
+
+    A fixed ``stacklevel`` is right for one entry point only; walking out of the package
+    points every warning at the user's line, whichever public function they called.
+    """
+    import inspect
+    import warnings
+
+    frame, level = inspect.currentframe(), 1
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith("mtl4c_prob"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

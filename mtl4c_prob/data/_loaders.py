@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from mtl4c_prob.data._dataset import DrugResponseData, _item
-from mtl4c_prob.exceptions import DataError, DataWarning
+from mtl4c_prob.exceptions import DataError, DataWarning, warn_external
 
 logger = logging.getLogger(__name__)
 
@@ -189,12 +188,11 @@ class HarmonisationReport:
         """Log a summary (INFO) and a warning for collisions and unmatched cells."""
         logger.info("cell names: %d spellings merged across sources", len(self.renamed))
         if self.collisions:
-            warnings.warn(
+            warn_external(
                 f"{len(self.collisions)} cell-name key(s) are shared by different cell lines "
                 f"within one source and were kept apart: "
                 + "; ".join(" vs ".join(v) for v in self.collisions.values()),
                 DataWarning,
-                stacklevel=3,
             )
         if self.unmatched_features:
             logger.warning(
@@ -276,10 +274,9 @@ def _match_features(table, mapping, spellings, report):
     table.index = pd.Index(new_index, name=table.index.name)
     if table.index.has_duplicates:
         dup = int(table.index.duplicated().sum())
-        warnings.warn(
+        warn_external(
             f"{dup} feature row(s) map to an already matched cell and are dropped",
             DataWarning,
-            stacklevel=4,
         )
         table = table[~table.index.duplicated()]
     report.unmatched_features = sorted(canonical - set(table.index))
@@ -363,6 +360,8 @@ def load_responses(
     data : DrugResponseData
     report : HarmonisationReport
     """
+    if duplicates not in DUPLICATES:
+        raise ValueError(f"duplicates must be one of {DUPLICATES}, got {duplicates!r}")
     if format not in ("auto", "gdsc", "long"):
         raise ValueError(f"format must be 'auto', 'gdsc' or 'long', got {format!r}")
     if not files:
