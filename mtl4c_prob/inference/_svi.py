@@ -236,14 +236,21 @@ class FitResult:
         return cls(**d)
 
 
-def _parameters(guide: Callable, data: TensorData, batch: int | None) -> list[torch.Tensor]:
-    """Unconstrained parameters of ``guide``, created by a first call if need be."""
-    trace = poutine.trace(guide, param_only=True).get_trace(data, batch)
+def _parameters(
+    model: Callable, guide: Callable, data: TensorData, batch: int | None
+) -> list[torch.Tensor]:
+    """Unconstrained parameters of ``guide`` and ``model``, created by a first call.
+
+    Model parameters are the point-estimated parts, such as network weights without priors.
+    """
     params = {id(p): p for p in (guide.parameters() if isinstance(guide, torch.nn.Module) else [])}
-    for site in trace.nodes.values():
-        value = site["value"]
-        value = value.unconstrained() if hasattr(value, "unconstrained") else value
-        params.setdefault(id(value), value)
+    for fn in (guide, model):
+        trace = poutine.trace(fn, param_only=True).get_trace(data, batch)
+        for site in trace.nodes.values():
+            value = site["value"]
+            value = value.unconstrained() if hasattr(value, "unconstrained") else value
+            if value.requires_grad:
+                params.setdefault(id(value), value)
     if not params:
         raise ValueError("the guide has no parameters to fit")
     return list(params.values())
@@ -323,7 +330,7 @@ def _fit(model, guide, data, config, val_data) -> FitResult:
     pyro.set_rng_seed(config.seed)
     batch = config.batch_size if config.batch_size and config.batch_size < data.n_obs else None
     elbo = Trace_ELBO(num_particles=config.num_particles, vectorize_particles=False)
-    optim, scheduler = _optimizer(config, _parameters(guide, data, batch))
+    optim, scheduler = _optimizer(config, _parameters(model, guide, data, batch))
     result = FitResult(device=str(data.device), settings=config.to_dict())
     best, best_state, bad_evals = math.inf, None, 0
     refresh = max(1, config.steps // 20)

@@ -73,6 +73,23 @@ class ProbabilisticModel:
         """Return the initial value of a latent site for the autoguides (default: prior median)."""
         return autoguide.init_to_median(site)
 
+    def _setup(self, train: DrugResponseData, device: torch.device) -> None:
+        """Fit-time state beyond the base class (networks, neighbour lists); optional hook.
+
+        Runs after code spaces, scaling and features are fixed (:meth:`_prepare`), before
+        the guide is built. Whatever it creates must be returned by
+        :meth:`_get_fitted_state` so that :meth:`load` can restore it.
+        """
+
+    def _get_fitted_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """JSON-ready state and named tensors that :meth:`save` must keep; optional hook."""
+        return {}, {}
+
+    def _set_fitted_state(
+        self, state: dict, tensors: dict[str, torch.Tensor], device: torch.device
+    ) -> None:
+        """Inverse of :meth:`_get_fitted_state`, called by :meth:`load`; optional hook."""
+
     def _use_cell_features(self) -> bool:
         return self.requires_cell_features
 
@@ -158,6 +175,7 @@ class ProbabilisticModel:
         self._prepare(train)
         device = resolve_device(config.device)
         self.device_ = device
+        self._setup(train, device)
         data = self._tensors(train, device, with_y=True)
         val_data = self._tensors(val, device, with_y=True) if val is not None else None
         self.guide_ = self._make_guide(config)
@@ -389,7 +407,11 @@ class ProbabilisticModel:
                 sub.save(path / f"task_{i}")
         else:
             meta["state"] = self._state_dict_json()
+            extra, tensors = self._get_fitted_state()
+            meta["state"]["extra"] = extra
             torch.save(self.guide_.state_dict(), path / "guide.pt")
+            if tensors:
+                torch.save({k: v.detach().cpu() for k, v in tensors.items()}, path / "extra.pt")
             for kind, table in (("cell", self.cell_table_), ("drug", self.drug_table_)):
                 if table is not None:
                     table.to_parquet(path / f"{kind}_features.parquet")
@@ -460,6 +482,13 @@ class ProbabilisticModel:
                 else state["device"]
             )
         )
+        extra = path / "extra.pt"
+        tensors = (
+            torch.load(extra, map_location=self.device_, weights_only=True)
+            if (extra.is_file())
+            else {}
+        )
+        self._set_fitted_state(state.get("extra", {}), tensors, self.device_)
         self.guide_name_ = state["guide"]
         self.guide_ = make_guide(
             self.guide_name_,
