@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -159,8 +160,16 @@ def _replaceable(out: Path) -> bool:
 
 
 def _model_params(args) -> dict:
+    """Return the constructor arguments the options give, for the options the model takes."""
+    from mtl4c_prob.models import MODELS
+
+    if args.model not in MODELS:
+        raise ValueError(f"unknown model {args.model!r}; choose one of {list(MODELS)}")
+    accepted = inspect.signature(MODELS[args.model]).parameters
     params = {}
     if args.rank is not None:
+        if "rank" not in accepted:
+            raise ValueError(f"model {args.model!r} has no --rank")
         params["rank"] = args.rank
     if args.single_task:
         params["multitask"] = False
@@ -244,7 +253,7 @@ def cmd_run(args) -> int:
         missing=[0.3, 0.5, 0.7],
         seed=args.seed,
     )
-    if args.rank is None:
+    if args.rank is None and args.model == "mf":
         args.rank = 8
     if args.steps is None:
         args.steps = 800

@@ -2,21 +2,49 @@
 
 from __future__ import annotations
 
+import importlib
+
 from mtl4c_prob.models._base import MODEL_FILE, ProbabilisticModel
 from mtl4c_prob.models._likelihoods import CensoredNormal, gaussian_likelihood
+from mtl4c_prob.models._mean import MeanEffects
 from mtl4c_prob.models._mf import BayesianMF
 
-#: Command-line name -> model class.
-MODELS: dict[str, type[ProbabilisticModel]] = {"mf": BayesianMF}
+# Command-line name -> (module, class, one-line description), in listing order.
+_REGISTRY = {
+    "mean": ("_mean", "MeanEffects", "mean effects: task offset + cell and drug effects"),
+    "mf": ("_mf", "BayesianMF", "Bayesian matrix factorisation (ARD, side features, multitask)"),
+    "nmf": ("_nmf", "BayesianNMF", "Bayesian non-negative matrix factorisation"),
+    "knn": ("_knn", "NeighbourhoodModel", "neighbourhood model on the k most similar drugs"),
+    "ffnn": ("_ffnn", "BayesianFFNN", "Bayesian feed-forward net on cell and drug features"),
+    "ncf": ("_ncf", "BayesianNCF", "Bayesian neural collaborative filtering (GMF + MLP), ids"),
+    "ncf-features": ("_ncf", "FeaturizedNCF", "Bayesian NCF with feature-driven embeddings"),
+    "ncf-pooled-mlp": ("_ncf", "PooledMLPNCF", "multitask NCF: pooled MLP, one GMF per task"),
+    "ncf-pooled-gmf": ("_ncf", "PooledGMFNCF", "multitask NCF: pooled GMF, one MLP per task"),
+}
 
-#: One line per model, for ``mtl4c-prob models``.
-DESCRIPTIONS = {"mf": "Bayesian matrix factorisation (ARD priors, side features, multitask)"}
+
+def _available() -> tuple[dict[str, type[ProbabilisticModel]], dict[str, str]]:
+    models, descriptions = {}, {}
+    for name, (module, cls, text) in _REGISTRY.items():
+        try:
+            mod = importlib.import_module(f"mtl4c_prob.models.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"mtl4c_prob.models.{module}":
+                raise
+            continue
+        models[name], descriptions[name] = getattr(mod, cls), text
+    return models, descriptions
+
+
+#: Command-line name -> model class, for the models this installation has.
+#: ``DESCRIPTIONS`` holds one line per model, for ``mtl4c-prob models``.
+MODELS, DESCRIPTIONS = _available()
 
 
 def get_model(name: str, **params) -> ProbabilisticModel:
     """Instantiate the model registered under ``name`` with the given priors and settings."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; choose one of {list(MODELS)}")
     return MODELS[name](**params)
 
 
@@ -31,6 +59,7 @@ __all__ = [
     "MODEL_FILE",
     "BayesianMF",
     "CensoredNormal",
+    "MeanEffects",
     "ProbabilisticModel",
     "gaussian_likelihood",
     "get_model",
