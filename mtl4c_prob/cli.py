@@ -110,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--drug-features", type=Path, default=None)
     fit.add_argument("--cell-pca", type=int, default=None, help="principal components of cells")
     fit.add_argument("--drug-pca", type=int, default=None, help="principal components of drugs")
+    fit.add_argument(
+        "--fingerprint-radius",
+        type=int,
+        default=2,
+        help="Morgan radius when --drug-features holds SMILES (needs RDKit)",
+    )
+    fit.add_argument(
+        "--fingerprint-bits",
+        type=int,
+        default=1024,
+        help="Morgan fingerprint length when --drug-features holds SMILES",
+    )
     _add_common(fit)
 
     pred = sub.add_parser("predict", help="predict (task, cell, drug) pairs from a saved model")
@@ -282,6 +294,8 @@ def cmd_fit(args) -> int:
             drug_features=args.drug_features,
             duplicates=args.duplicates,
             long_columns=long_columns,
+            fingerprint_radius=args.fingerprint_radius,
+            fingerprint_bits=args.fingerprint_bits,
         )
         metrics = _fit_and_report(args, data, folder, {"files": [str(p) for p, _ in files]})
         (folder / "harmonisation.json").write_text(json.dumps(report.to_dict(), indent=1))
@@ -353,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*ArviZ is undergoing a major refactor.*")
     try:
         return COMMANDS[args.command](args)
-    except (DataError, ValueError, KeyError, FileNotFoundError, TypeError) as exc:
+    except (DataError, ValueError, KeyError, FileNotFoundError, TypeError, ImportError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"mtl4c-prob: error: {message}", file=sys.stderr)
         return 2

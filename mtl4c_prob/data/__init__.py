@@ -15,12 +15,14 @@ from mtl4c_prob.data._loaders import (
     read_table,
 )
 from mtl4c_prob.data._seed_synthetic import SyntheticDataCreator, SyntheticDraw
+from mtl4c_prob.data._smiles import FingerprintReport, is_smiles_table, morgan_fingerprints
 from mtl4c_prob.data._splits import SPLITS, kfold, kfold_indices, split, split_indices
 from mtl4c_prob.data._synthetic import LatentFactorTruth, make_latent_factor_data
 
 __all__ = [
     "SPLITS",
     "DrugResponseData",
+    "FingerprintReport",
     "FeatureTransformer",
     "HarmonisationReport",
     "LatentFactorTruth",
@@ -29,12 +31,14 @@ __all__ = [
     "TaskScaler",
     "TensorData",
     "harmonise_cells",
+    "is_smiles_table",
     "harmonise_key",
     "kfold",
     "kfold_indices",
     "load_features",
     "load_responses",
     "make_latent_factor_data",
+    "morgan_fingerprints",
     "prepare_features",
     "read_gdsc",
     "read_long",

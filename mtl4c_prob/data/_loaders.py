@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from mtl4c_prob.data._dataset import DrugResponseData, _item
+from mtl4c_prob.data._smiles import NO_STRUCTURE, is_smiles_table, morgan_fingerprints
 from mtl4c_prob.exceptions import DataError, DataWarning, warn_external
 
 logger = logging.getLogger(__name__)
@@ -337,6 +338,8 @@ def load_responses(
     drug_features: str | Path | pd.DataFrame | None = None,
     duplicates: str = "mean",
     long_columns: dict | None = None,
+    fingerprint_radius: int = 2,
+    fingerprint_bits: int = 1024,
 ) -> tuple[DrugResponseData, HarmonisationReport]:
     """Load one task per file (or several per long file) into a :class:`DrugResponseData`.
 
@@ -354,6 +357,8 @@ def load_responses(
         What to do with rows that repeat a (task, cell, drug) pair.
     long_columns : dict, optional
         Keyword arguments of :func:`read_long` (cell, drug, y, task_column, censor).
+    fingerprint_radius, fingerprint_bits : int
+        Morgan fingerprint settings when ``drug_features`` is a name + SMILES table.
 
     Returns
     -------
@@ -379,14 +384,28 @@ def load_responses(
         frames.append(frame)
 
     cells = load_features(cell_features, "cell") if cell_features is not None else None
-    drugs = load_features(drug_features, "drug") if drug_features is not None else None
+    drugs = None
+    if drug_features is not None:
+        drugs = load_features(drug_features, "drug", fingerprint_radius, fingerprint_bits)
     frames, cells, report = harmonise_cells(frames, cells)
     frame = _duplicates(pd.concat(frames, ignore_index=True), duplicates)
     for name, rows in frame.groupby("task", sort=False):
         if len(rows) == 0:
             raise DataError(f"task {name!r} has no rows")
     if drugs is not None:
-        missing = set(frame["drug"]) - set(drugs.index)
+        drugs = _match_drugs(drugs, frame["drug"].unique())
+        missing = sorted(set(frame["drug"]) - set(drugs.index))
+        if missing and NO_STRUCTURE in drugs.columns:
+            # Fingerprint fallback for drugs absent from the SMILES table (see _smiles.py).
+            extra = pd.DataFrame(0.0, index=pd.Index(missing), columns=drugs.columns)
+            extra[NO_STRUCTURE] = 1.0
+            drugs = pd.concat([drugs, extra])
+            warn_external(
+                f"{len(missing)} drug(s) of the responses have no SMILES row (first: "
+                f"{missing[0]!r}); they get an all-zero fingerprint with {NO_STRUCTURE}=1",
+                DataWarning,
+            )
+            missing = []
         if missing:
             logger.warning(
                 "%d drug(s) have no feature row (first: %s)", len(missing), sorted(missing)[0]
@@ -394,18 +413,44 @@ def load_responses(
     return DrugResponseData(frame, cells, drugs), report
 
 
-def load_features(source: str | Path | pd.DataFrame, kind: str = "cell") -> pd.DataFrame:
+def _match_drugs(table: pd.DataFrame, names) -> pd.DataFrame:
+    """Rename feature rows to the response spelling of the same drug.
+
+    Only names that differ in case or punctuation, with a unique match, are renamed.
+    """
+    keys = pd.Series(list(names)).groupby(lambda i: harmonise_key(names[i])).agg(list)
+    unique = {k: v[0] for k, v in keys.items() if len(v) == 1}
+    known = set(names)
+    renamed = [
+        n if n in known else unique.get(harmonise_key(n), n) for n in table.index.astype(str)
+    ]
+    table = table.copy()
+    table.index = pd.Index(renamed, name=table.index.name)
+    return table[~table.index.duplicated()]
+
+
+def load_features(
+    source: str | Path | pd.DataFrame,
+    kind: str = "cell",
+    fingerprint_radius: int = 2,
+    fingerprint_bits: int = 1024,
+) -> pd.DataFrame:
     """Load an entity x feature table indexed by name.
 
     A file's index is its first column (or the Parquet index when it is named or not a
-    plain range). Non-numeric columns other than the names are an error.
+    plain range). Non-numeric columns other than the names are an error, except that a
+    drug table with a ``smiles`` column (any case) becomes Morgan fingerprints (see
+    :func:`~mtl4c_prob.data.morgan_fingerprints`; needs the optional RDKit extra).
     """
     if isinstance(source, pd.DataFrame):
         table = source.copy()
     else:
         table = read_table(source)
-        if isinstance(table.index, pd.RangeIndex):
-            table = table.set_index(table.columns[0])
+    if kind == "drug" and is_smiles_table(table):
+        table, _ = morgan_fingerprints(table, fingerprint_radius, fingerprint_bits)
+        return table
+    if isinstance(table.index, pd.RangeIndex):
+        table = table.set_index(table.columns[0])
     table.index = table.index.astype(str).str.strip()
     non_numeric = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
     if non_numeric:
