@@ -188,16 +188,20 @@ def _model_params(args) -> dict:
     return params
 
 
-def _fit_config(args, default_steps: int) -> dict:
-    return {
-        "steps": args.steps or default_steps,
-        "lr": args.lr or 0.05,
+def _fit_config(args) -> dict:
+    """SVI settings given on the command line (the model's own defaults fill the rest)."""
+    config = {
         "guide": args.guide,
         "batch_size": args.batch_size,
         "seed": args.seed,
         "device": args.device,
         "progress_bar": not args.quiet and sys.stderr.isatty(),
     }
+    if args.steps:
+        config["steps"] = args.steps
+    if args.lr:
+        config["lr"] = args.lr
+    return config
 
 
 def _fit_and_report(args, data: DrugResponseData, folder: Path, extra_info: dict) -> dict:
@@ -214,7 +218,7 @@ def _fit_and_report(args, data: DrugResponseData, folder: Path, extra_info: dict
 
     model = get_model(args.model, **_model_params(args))
     start = time.perf_counter()
-    model.fit(train, **_fit_config(args, default_steps=1000))
+    model.fit(train, **_fit_config(args))
     fit_seconds = time.perf_counter() - start
     pred = model.predict(test, level=args.level, num_samples=args.num_samples, seed=args.seed)
 

@@ -57,6 +57,8 @@ class ProbabilisticModel:
     """
 
     name: ClassVar[str] = "base"
+    #: SVI settings this model fits well with, used where the caller gives none.
+    fit_defaults: ClassVar[dict[str, Any]] = {}
     #: Whether the model cannot run without cell (or drug) features.
     requires_cell_features: ClassVar[bool] = False
     requires_drug_features: ClassVar[bool] = False
@@ -141,7 +143,8 @@ class ProbabilisticModel:
             raise TypeError(f"train must be a DrugResponseData, got {type(train).__name__}")
         if train.n_obs == 0:
             raise DataError("the training data has no rows")
-        config = SVIConfig(**{**(config.to_dict() if config else {}), **config_kwargs})
+        base = config.to_dict() if config else dict(self.fit_defaults)
+        config = SVIConfig(**{**base, **config_kwargs})
         empty = [t for t in train.tasks if not (train.frame["task"] == t).any()]
         if empty:
             raise DataError(f"task(s) {empty} have no training rows")
