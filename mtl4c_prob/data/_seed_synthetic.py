@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from mtl4c_prob.data._dataset import DrugResponseData
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -552,6 +554,31 @@ class SyntheticDataCreator:
         columns = [f"f{k}" for k in range(self.n_drug_features)]
         index = pd.Index(self.drug_names, name="drug")
         return pd.DataFrame(draw.drug_features, index=index, columns=columns)
+
+    def to_data(self) -> tuple[DrugResponseData, DrugResponseData]:
+        """Return the current split as (train, test) :class:`DrugResponseData`.
+
+        Both carry the cell and drug feature tables and share one code space, so any
+        mtl4c_prob model can be fitted on the seed's data and compared with its
+        walkthroughs.
+        """
+        frame = self.to_frame()
+        tasks = list(self.datasets)
+        cells, drugs = list(self.cell_names), list(self.drug_names)
+        parts = []
+        for split in ("train", "test"):
+            rows = frame[frame["split"] == split].drop(columns="split")
+            parts.append(
+                DrugResponseData(
+                    rows,
+                    self.cell_features,
+                    self.drug_features,
+                    tasks=tasks,
+                    cells=cells,
+                    drugs=drugs,
+                )
+            )
+        return parts[0], parts[1]
 
     def to_frame(self) -> pd.DataFrame:
         """Return the data as one long table, a row per observed (task, cell, drug).
