@@ -192,11 +192,12 @@ def _fit_config(args) -> dict:
     """SVI settings given on the command line (the model's own defaults fill the rest)."""
     config = {
         "guide": args.guide,
-        "batch_size": args.batch_size,
         "seed": args.seed,
         "device": args.device,
         "progress_bar": not args.quiet and sys.stderr.isatty(),
     }
+    if args.batch_size:
+        config["batch_size"] = args.batch_size
     if args.steps:
         config["steps"] = args.steps
     if args.lr:
