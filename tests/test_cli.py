@@ -227,6 +227,9 @@ def test_task_without_data_is_an_error(capsys):
     assert "--task must follow" in capsys.readouterr().err
 
 
-def test_models_lists_mf(capsys):
+def test_models_lists_every_installed_model(capsys):
+    from mtl4c_prob.models import MODELS
+
     assert main(["models"]) == 0
-    assert capsys.readouterr().out.split()[0] == "mf"
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == list(MODELS) and {"mean", "mf"} <= set(names)

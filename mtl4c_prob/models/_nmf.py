@@ -236,6 +236,9 @@ class BayesianNMF(ProbabilisticModel):
             z.add("task_offset_z", T)
             sc.add("task_offset_sd", scale=self.offset_scale)
         z.add("weight_z", R)
+        if deviations:
+            z.add("weight_task_z", T, R)
+            sc.add("weight_task_sd", scale=self.weight_scale)
         for kind, n in (("cell", self.n_cells_), ("drug", self.n_drugs_)):
             z.add(f"{kind}_z", n, R + 1)  # last column: the bias
             sc.add(f"{kind}_spread", R, scale=self.factor_scale)
@@ -270,6 +273,9 @@ class BayesianNMF(ProbabilisticModel):
             return out
         log_w = self._log_weights(out)
         out["factor_weights"] = log_w.exp()
+        if "weight_task_z" in out:
+            log_wt = out["weight_task_sd"][..., None, None] * out["weight_task_z"]  # (T, R)
+            out["task_factor_weights"] = (log_w.unsqueeze(-2) + log_wt).exp()
         for kind in ("cell", "drug"):
             spread = out[f"{kind}_spread"].unsqueeze(-2)
             log_f = spread * out[f"{kind}_z"][..., :-1] + 0.5 * log_w.unsqueeze(-2)
@@ -277,6 +283,7 @@ class BayesianNMF(ProbabilisticModel):
             if f"{kind}_task_z" in out:
                 tau = out[f"{kind}_task_sd"][..., :, None, None]
                 log_ft = log_f.unsqueeze(-3) + tau * out[f"{kind}_task_z"][..., :-1]
+                log_ft = log_ft + 0.5 * log_wt.unsqueeze(-2)
                 out[f"{kind}_task_factors"] = log_ft.exp()
         return out
 
@@ -370,6 +377,8 @@ class BayesianNMF(ProbabilisticModel):
         if "task_offset_z" in z:
             task_offset = task_offset + sc["task_offset_sd"] * z["task_offset_z"]
         log_w = self._log_weights(z)
+        if "weight_task_z" in z:
+            log_w = log_w + sc["weight_task_sd"] * z["weight_task_z"][:, None, :]  # (T, 1, R)
         U, cell_bias = self._entity("cell", data, z, sc, log_w)
         V, drug_bias = self._entity("drug", data, z, sc, log_w)
         log_noise = self._log_noise(data, z, sc)
