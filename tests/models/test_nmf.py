@@ -141,3 +141,24 @@ def test_arguments_and_registry():
         BayesianNMF(weight_scale=0.0)
     with pytest.raises(RuntimeError, match="jointly fitted"):
         BayesianNMF().sample_factors()
+
+
+def test_rank_is_capped_by_the_number_of_drugs():
+    # Ten drugs identify at most ten factors; the other forty of the default rank would
+    # stay at their heavy-tailed log-normal prior. Before the cap, one pair of this split
+    # had predictive mean -200 and sd 2000 (responses have sd 1.6).
+    from mtl4c_prob.data import SyntheticDataCreator
+
+    creator = SyntheticDataCreator(
+        num_tasks=3, cellsPerTask=200, drugsPerTask=10, function="cosine",
+        normalize=False, noise=1, graph=False, test_split=0.3,
+    )  # fmt: skip
+    creator.prepare_data()
+    train, test = creator.to_data()
+    model = BayesianNMF().fit(train, progress_bar=False, seed=0)
+    assert model.rank == 50 and model.n_factors_ == 10
+    assert model.posterior_median()["factor_weights"].shape == (10,)
+    pred = model.predict(test, num_samples=100)
+    sd_y = test.frame["y"].std()
+    assert pred["sd"].max() < 3 * sd_y
+    assert rmse(pred["y"], pred["mean"]) < sd_y
