@@ -6,6 +6,7 @@ __all__ = [
     "ConvergenceWarning",
     "DataError",
     "DataWarning",
+    "DiagnosticWarning",
     "Mtl4cWarning",
     "NumericalWarning",
     "warn_external",
@@ -22,6 +23,10 @@ class ConvergenceWarning(Mtl4cWarning):
 
 class NumericalWarning(Mtl4cWarning):
     """A numerical safeguard (jitter, clamping) was applied."""
+
+
+class DiagnosticWarning(Mtl4cWarning):
+    """A model-criticism diagnostic (Pareto k, WAIC variance, R-hat) flags a problem."""
 
 
 class DataWarning(Mtl4cWarning):
