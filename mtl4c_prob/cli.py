@@ -1,4 +1,4 @@
-"""The ``mtl4c-prob`` command: run, fit, predict and models."""
+"""The ``mtl4c-prob`` command: run, fit, predict, models, report and compare."""
 
 from __future__ import annotations
 
@@ -64,6 +64,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument(
+        "--idata-draws", type=int, default=200, help="posterior draws in idata.nc (ArviZ)"
+    )
+    p.add_argument(
+        "--idata-max-obs",
+        type=int,
+        default=10_000,
+        help="training rows in idata.nc, chosen by a hash of the keys (0: all)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
 
@@ -135,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("-q", "--quiet", action="store_true")
 
     sub.add_parser("models", help="list the available models")
+
+    rep = sub.add_parser("report", help="diagnostics report (HTML) of one or several fit folders")
+    rep.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="fit folder(s)")
+    rep.add_argument("--out", required=True, type=Path, help="output HTML file")
+    rep.add_argument("--title", default=None)
+    rep.add_argument("-q", "--quiet", action="store_true")
+
+    cmp_ = sub.add_parser("compare", help="PSIS-LOO (or WAIC) of fit folders, ranked")
+    cmp_.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="fit folder(s)")
+    cmp_.add_argument("--ic", default="loo", choices=["loo", "waic"])
+    cmp_.add_argument("--out", type=Path, default=None, help="CSV of the table")
+    cmp_.add_argument("-q", "--quiet", action="store_true")
     return parser
 
 
@@ -207,8 +228,14 @@ def _fit_config(args) -> dict:
 
 def _fit_and_report(args, data: DrugResponseData, folder: Path, extra_info: dict) -> dict:
     """Split, fit, predict the held-out pairs and write every output file into ``folder``."""
-    from mtl4c_prob.evaluation import evaluate_frame, write_report
+    from mtl4c_prob.evaluation import evaluate_frame, to_inference_data, write_inference_data
+    from mtl4c_prob.evaluation.diagnostics import IDATA_FILE
+    from mtl4c_prob.evaluation.folder_report import FitFolder, write_folder_report
 
+    if args.idata_draws < 2 or args.idata_draws % 2:
+        raise DataError(f"--idata-draws must be an even number >= 2, got {args.idata_draws}")
+    if args.idata_max_obs < 0:
+        raise DataError(f"--idata-max-obs must be >= 0, got {args.idata_max_obs}")
     train, test = split(data, args.split, args.test_fraction, args.seed, args.holdout_task)
     cell_pca = getattr(args, "cell_pca", None)
     drug_pca = getattr(args, "drug_pca", None)
@@ -242,19 +269,52 @@ def _fit_and_report(args, data: DrugResponseData, folder: Path, extra_info: dict
     metrics["info"] = info
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     model.save(folder / "model")
-    summary = data.summary()
-    write_report(
+    (folder / "data_summary.json").write_text(
+        json.dumps(data.summary(), indent=1, default=_json_default)
+    )
+    if hasattr(model, "task_correlation") and not hasattr(model, "task_models_"):
+        _write_task_correlation(model, folder)
+    idata = to_inference_data(
+        model,
+        train,
+        num_samples=args.idata_draws,
+        seed=args.seed,
+        max_obs=args.idata_max_obs or None,
+    )
+    write_inference_data(idata, folder / IDATA_FILE)
+    write_folder_report(
+        [FitFolder.read(folder, name=args.model)],
         folder / "report.html",
-        pred[columns],
-        {"overall": metrics["overall"], "per_task": metrics["per_task"]},
-        loss_history=model.fit_result_.losses,
-        val_loss_history=model.fit_result_.val_losses or None,
-        settings=info,
-        data_summary={k: v for k, v in summary.items() if k != "per_task"},
         title=f"mtl4c-prob: {args.model} on {', '.join(map(str, data.tasks))}",
         level=args.level,
+        seed=args.seed,
     )
     return metrics
+
+
+def _write_task_correlation(model, folder: Path) -> None:
+    """Labelled task correlation (and covariance) of a multitask model, and its heatmap."""
+    corr = model.task_correlation()
+    corr.to_csv(folder / "task_correlation.csv")
+    if hasattr(model, "task_covariance"):
+        model.task_covariance().to_csv(folder / "task_covariance.csv")
+    if hasattr(model, "plot_task_correlation"):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(4.5, 3.8))
+        FigureCanvasAgg(fig)
+        model.plot_task_correlation(ax=fig.add_subplot(1, 1, 1))
+        fig.tight_layout()
+        fig.savefig(folder / "task_correlation.png", dpi=110)
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
 
 
 # ---------------------------------------------------------------------- commands
@@ -355,7 +415,55 @@ def _print_metrics(metrics: dict, out: Path) -> None:
     print(f"outputs in {out}")
 
 
-COMMANDS = {"run": cmd_run, "fit": cmd_fit, "predict": cmd_predict, "models": cmd_models}
+def cmd_report(args) -> int:
+    """Write the diagnostics report of fit folders."""
+    from mtl4c_prob.evaluation.folder_report import write_folder_report
+
+    if args.out.suffix.lower() not in (".html", ".htm"):
+        raise DataError(f"--out must name an .html file, got {args.out}")
+    start = time.perf_counter()
+    write_folder_report(args.dirs, args.out, title=args.title)
+    print(f"wrote {args.out} ({len(args.dirs)} fit(s), {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """Print (and save) PSIS-LOO or WAIC of fit folders, ranked when several."""
+    from mtl4c_prob.evaluation.diagnostics import compare, elpd_summary, loo, waic
+
+    names = [_fit_name(d) for d in args.dirs]
+    if len(set(names)) < len(names):
+        names = [str(d) for d in args.dirs]
+    if len(args.dirs) == 1:
+        result = (loo if args.ic == "loo" else waic)(args.dirs[0])
+        table = pd.DataFrame([elpd_summary(result)], index=names)
+    else:
+        table = compare(dict(zip(names, args.dirs, strict=True)), ic=args.ic)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out)
+    return 0
+
+
+def _fit_name(folder: Path) -> str:
+    metrics = folder / "metrics.json"
+    if metrics.is_file():
+        model = json.loads(metrics.read_text()).get("info", {}).get("model")
+        if model:
+            return str(model)
+    return folder.name
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "fit": cmd_fit,
+    "predict": cmd_predict,
+    "models": cmd_models,
+    "report": cmd_report,
+    "compare": cmd_compare,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
