@@ -9,9 +9,12 @@ Usage (from the repository root)::
 GDSC2 ln IC50, duplicated pairs averaged, 80/20 split. Cell features: 50 principal
 components of expression fitted on training cells; drug features: Morgan fingerprints of
 ../shared/data/drug_smiles.csv (radius 2, 1024 bits, through RDKit), drugs without
-SMILES flagged by the ``no_structure`` column. On LPO only the models that need features
-get them; on LCO every model gets them. Point predictors (surprise) get a Gaussian
-predictive whose sd is their training residual sd. Each model runs at its own default
+SMILES flagged by the ``no_structure`` column. Drug fingerprints go only to the models that
+need drug features (``ffnn``, ``ncf-features``); cell features go to those on LPO and to
+every model on LCO (the other models cannot predict a new cell without them). Giving the
+Bayesian MF fingerprints as well costs it on LCO (RMSE 1.29 instead of 1.25): every drug
+is seen, and 1,025 extra loadings per factor only add noise. Point predictors (surprise)
+get a Gaussian predictive whose sd is their training residual sd. Each model runs at its own default
 fit settings (``fit_defaults``), one after the other in this process.
 """
 
@@ -104,13 +107,21 @@ def main() -> None:
     bare = data.with_features()
     bare.cell_features = bare.drug_features = None
     train_b, test_b = split(bare, args.split, 0.2, seed=args.seed)
+    cells_only = data.with_features()
+    cells_only.drug_features = None
+    train_c, test_c = split(cells_only, args.split, 0.2, seed=args.seed)
+    train_c, test_c = prepare_features(train_c, test_c, cell_pca=50)
     tr, te = train_f.frame, test_f.frame
     print(f"GDSC2 {args.split} seed {args.seed}: {len(tr)} train, {len(te)} test pairs")
 
     rows = [] if args.no_surprise else surprise_rows(tr, te, args.seed)
     for name in args.models or list(MODELS):
-        featured = args.split == "lco" or name in FEATURE_MODELS
-        train, test = (train_f, test_f) if featured else (train_b, test_b)
+        if name in FEATURE_MODELS:
+            train, test = train_f, test_f
+        elif args.split == "lco":
+            train, test = train_c, test_c
+        else:
+            train, test = train_b, test_b
         model = MODELS[name]()
         start = time.perf_counter()
         model.fit(train, seed=args.seed, progress_bar=False)
