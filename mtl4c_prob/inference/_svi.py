@@ -8,7 +8,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import pyro
 import pyro.infer.autoguide as autoguide
@@ -145,6 +145,14 @@ class SVIConfig:
     validate : bool, default=False
         Keep Pyro's distribution argument checks on during the fit (slower; for debugging
         a new model).
+    callback : callable, optional
+        ``callback(step, loss, val_loss)`` after every step (``step`` counts from 1,
+        ``loss`` is that step's loss per observation). ``val_loss`` is the held-out NLL
+        per observation at evaluation steps (every ``eval_every`` steps, when validation
+        data are given) and None otherwise. An exception it raises ends the fit and
+        propagates (Optuna pruning raises ``TrialPruned``). Held-out evaluations made for
+        the callback alone leave the random stream of the fit untouched, so the fitted
+        guide is the same with or without a callback. Not saved with the settings.
     """
 
     steps: int = 1000
@@ -166,6 +174,9 @@ class SVIConfig:
     progress_bar: bool = True
     log_every: int | None = None
     validate: bool = False
+    callback: Callable[[int, float, float | None], None] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -185,10 +196,12 @@ class SVIConfig:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.num_particles < 1:
             raise ValueError(f"num_particles must be at least 1, got {self.num_particles}")
+        if self.callback is not None and not callable(self.callback):
+            raise TypeError(f"callback must be callable, got {type(self.callback).__name__}")
 
     def to_dict(self) -> dict:
-        """JSON-ready representation."""
-        return asdict(self)
+        """JSON-ready representation (without the callback)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "callback"}
 
 
 @dataclass
@@ -326,6 +339,26 @@ def fit_svi(
         return _fit(model, guide, data, config, val_data)
 
 
+def _evaluate(model, guide, val_data, config: SVIConfig) -> float | None:
+    """Held-out NLL at an evaluation step, when early stopping or the callback wants it."""
+    if val_data is None:
+        return None
+    if config.early_stopping == "heldout":
+        return heldout_nll(model, guide, val_data)
+    if config.callback is None:
+        return None
+    # Evaluated for the callback only: restore the random state, so that the fit itself
+    # follows the same path as without a callback.
+    state = pyro.util.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if val_data.device.type == "cuda" else None
+    try:
+        return heldout_nll(model, guide, val_data)
+    finally:
+        pyro.util.set_rng_state(state)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def _fit(model, guide, data, config, val_data) -> FitResult:
     pyro.set_rng_seed(config.seed)
     batch = config.batch_size if config.batch_size and config.batch_size < data.n_obs else None
@@ -346,41 +379,50 @@ def _fit(model, guide, data, config, val_data) -> FitResult:
     )
     start = time.perf_counter()
     bar = tqdm(range(config.steps), disable=not config.progress_bar, desc="SVI", leave=False)
-    for step in bar:
-        loss_t = elbo.differentiable_loss(model, guide, data, batch)
-        loss_t.backward()
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        scheduler.step()
-        loss = loss_t.item() / data.n_obs
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"the ELBO became {loss} at step {step}; lower the learning rate (lr={config.lr})"
-                " or standardise the features"
-            )
-        result.losses.append(loss)
-        if step % refresh == 0 or step == config.steps - 1:
-            window = result.losses[-refresh:]
-            bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", refresh=False)
-        if config.log_every and step % config.log_every == 0:
-            logger.info("step %d: loss %.5f", step, loss)
-        if (step + 1) % config.eval_every or config.early_stopping == "none":
-            continue
-        if config.early_stopping == "heldout":
-            score = heldout_nll(model, guide, val_data)
-            result.val_losses.append((step + 1, score))
-        else:
-            score = sum(result.losses[-config.eval_every :]) / config.eval_every
-        if score < best - config.tol * abs(best if math.isfinite(best) else score):
-            best, bad_evals = score, 0
+    try:
+        for step in bar:
+            loss_t = elbo.differentiable_loss(model, guide, data, batch)
+            loss_t.backward()
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            scheduler.step()
+            loss = loss_t.item() / data.n_obs
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"the ELBO became {loss} at step {step}; lower the learning rate "
+                    f"(lr={config.lr}) or standardise the features"
+                )
+            result.losses.append(loss)
+            if step % refresh == 0 or step == config.steps - 1:
+                window = result.losses[-refresh:]
+                bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", refresh=False)
+            if config.log_every and step % config.log_every == 0:
+                logger.info("step %d: loss %.5f", step, loss)
+
+            evaluation = (step + 1) % config.eval_every == 0
+            val_loss = _evaluate(model, guide, val_data, config) if evaluation else None
+            if val_loss is not None:
+                result.val_losses.append((step + 1, val_loss))
+            if config.callback is not None:
+                config.callback(step + 1, loss, val_loss)
+            if not evaluation or config.early_stopping == "none":
+                continue
+
             if config.early_stopping == "heldout":
-                best_state, result.best_step = _state(guide), step + 1
-        else:
-            bad_evals += 1
-            if bad_evals >= config.patience:
-                result.stopped_early = True
-                break
-    bar.close()
+                score = val_loss
+            else:
+                score = sum(result.losses[-config.eval_every :]) / config.eval_every
+            if score < best - config.tol * abs(best if math.isfinite(best) else score):
+                best, bad_evals = score, 0
+                if config.early_stopping == "heldout":
+                    best_state, result.best_step = _state(guide), step + 1
+            else:
+                bad_evals += 1
+                if bad_evals >= config.patience:
+                    result.stopped_early = True
+                    break
+    finally:
+        bar.close()
     if best_state:
         guide.load_state_dict(best_state)
     result.steps = len(result.losses)

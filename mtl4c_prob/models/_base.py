@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -143,8 +144,10 @@ class ProbabilisticModel:
             raise TypeError(f"train must be a DrugResponseData, got {type(train).__name__}")
         if train.n_obs == 0:
             raise DataError("the training data has no rows")
-        base = config.to_dict() if config else dict(self.fit_defaults)
-        config = SVIConfig(**{**base, **config_kwargs})
+        if config is not None:
+            config = dataclasses.replace(config, **config_kwargs)
+        else:
+            config = SVIConfig(**{**self.fit_defaults, **config_kwargs})
         empty = [t for t in train.tasks if not (train.frame["task"] == t).any()]
         if empty:
             raise DataError(f"task(s) {empty} have no training rows")
@@ -165,7 +168,7 @@ class ProbabilisticModel:
             cfg = (
                 config
                 if sub_val is not None or config.early_stopping != "heldout"
-                else (SVIConfig(**{**config.to_dict(), "early_stopping": "none"}))
+                else dataclasses.replace(config, early_stopping="none")
             )
             logger.info("single-task fit of task %r (%d rows)", name, sub.n_obs)
             self.task_models_[name] = self._clone(multitask=True).fit(sub, sub_val, cfg)

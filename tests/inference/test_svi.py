@@ -241,3 +241,60 @@ def test_devices():
 def test_unknown_guide():
     with pytest.raises(ValueError, match="unknown guide"):
         make_guide("flow", conjugate_model)
+
+
+def test_callback_sees_every_step_and_heldout_evaluations(observations):
+    calls = []
+    with local_params():
+        guide = make_guide("normal", conjugate_model)
+        config = SVIConfig(steps=60, eval_every=20, progress_bar=False, callback=_record(calls))
+        result = fit_svi(
+            conjugate_model, guide, tensors(observations), config, tensors(observations[:40])
+        )
+    assert [c[0] for c in calls] == list(range(1, 61))
+    assert [c[1] for c in calls] == result.losses
+    evaluated = [(step, val) for step, _, val in calls if val is not None]
+    assert [s for s, _ in evaluated] == [20, 40, 60]
+    assert evaluated == result.val_losses
+    # The callback is not part of the saved settings.
+    assert "callback" not in result.settings
+
+
+def test_callback_does_not_change_the_fit(observations):
+    runs = []
+    for callback in (None, _record([])):
+        with local_params():
+            guide = make_guide("normal", conjugate_model)
+            config = SVIConfig(steps=80, eval_every=20, seed=2, progress_bar=False)
+            config.callback = callback
+            result = fit_svi(
+                conjugate_model, guide, tensors(observations), config, tensors(observations[:40])
+            )
+            runs.append((result.losses, posterior(guide)))
+    assert runs[0] == runs[1]
+
+
+def test_callback_exception_stops_the_fit(observations):
+    class StopError(Exception):
+        pass
+
+    def stop_at_30(step, loss, val_loss):
+        if step == 30:
+            raise StopError
+
+    with local_params(), pytest.raises(StopError):
+        fit_svi(
+            conjugate_model,
+            make_guide("normal", conjugate_model),
+            tensors(observations),
+            SVIConfig(steps=100, progress_bar=False, callback=stop_at_30),
+        )
+    with pytest.raises(TypeError, match="callback"):
+        SVIConfig(callback=3)
+
+
+def _record(calls):
+    def callback(step, loss, val_loss):
+        calls.append((step, loss, val_loss))
+
+    return callback
