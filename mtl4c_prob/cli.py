@@ -1,4 +1,4 @@
-"""The ``mtl4c-prob`` command: run, fit, predict, models, report and compare."""
+"""The ``mtl4c-prob`` command: run, fit, predict, models, report, compare and tune."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from mtl4c_prob import __version__
+from mtl4c_prob._config import apply_fit_config
 from mtl4c_prob.data import (
     SPLITS,
     DrugResponseData,
@@ -28,6 +29,7 @@ from mtl4c_prob.data import (
 )
 from mtl4c_prob.exceptions import DataError, Mtl4cWarning
 from mtl4c_prob.models import DESCRIPTIONS, MODEL_FILE, get_model, load_model
+from mtl4c_prob.tuning import add_tune_parser, cmd_tune
 
 logger = logging.getLogger("mtl4c_prob.cli")
 
@@ -64,6 +66,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
+def _add_idata_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--idata-draws", type=int, default=200, help="posterior draws in idata.nc (ArviZ)"
     )
@@ -73,7 +79,48 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default=10_000,
         help="training rows in idata.nc, chosen by a hash of the keys (0: all)",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    """Options naming the response files and feature tables (``fit``, ``tune``)."""
+    p.add_argument(
+        "--data",
+        action=_DataAction,
+        metavar="FILE",
+        required=True,
+        help="response file, one task each (repeatable)",
+    )
+    p.add_argument(
+        "--task",
+        action=_DataAction,
+        metavar="NAME",
+        dest="data",
+        help="name of the task of the preceding --data",
+    )
+    p.add_argument("--format", default="auto", choices=["auto", "gdsc", "long"])
+    p.add_argument("--response", default="auto", help="GDSC response column: LN_IC50 or AUC")
+    p.add_argument("--cell-col", default="cell", help="long format: cell column")
+    p.add_argument("--drug-col", default="drug", help="long format: drug column")
+    p.add_argument("--y-col", default="y", help="long format: response column")
+    p.add_argument("--task-col", default=None, help="long format: task column")
+    p.add_argument("--censor-col", default=None, help="long format: censor column (0/+1/-1)")
+    p.add_argument("--duplicates", default="mean", choices=["mean", "keep", "first", "error"])
+    p.add_argument("--cell-features", type=Path, default=None)
+    p.add_argument("--drug-features", type=Path, default=None)
+    p.add_argument("--cell-pca", type=int, default=None, help="principal components of cells")
+    p.add_argument("--drug-pca", type=int, default=None, help="principal components of drugs")
+    p.add_argument(
+        "--fingerprint-radius",
+        type=int,
+        default=2,
+        help="Morgan radius when --drug-features holds SMILES (needs RDKit)",
+    )
+    p.add_argument(
+        "--fingerprint-bits",
+        type=int,
+        default=1024,
+        help="Morgan fingerprint length when --drug-features holds SMILES",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,51 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="fit, predict and report on built-in synthetic data")
     _add_common(run)
+    _add_idata_options(run)
     run.set_defaults(out=Path("mtl4c-run"))
     for action in run._actions:
         if action.dest == "out":
             action.required = False
 
     fit = sub.add_parser("fit", help="fit a model on response files, predict the test split")
-    fit.add_argument(
-        "--data",
-        action=_DataAction,
-        metavar="FILE",
-        required=True,
-        help="response file, one task each (repeatable)",
-    )
-    fit.add_argument(
-        "--task",
-        action=_DataAction,
-        metavar="NAME",
-        dest="data",
-        help="name of the task of the preceding --data",
-    )
-    fit.add_argument("--format", default="auto", choices=["auto", "gdsc", "long"])
-    fit.add_argument("--response", default="auto", help="GDSC response column: LN_IC50 or AUC")
-    fit.add_argument("--cell-col", default="cell", help="long format: cell column")
-    fit.add_argument("--drug-col", default="drug", help="long format: drug column")
-    fit.add_argument("--y-col", default="y", help="long format: response column")
-    fit.add_argument("--task-col", default=None, help="long format: task column")
-    fit.add_argument("--censor-col", default=None, help="long format: censor column (0/+1/-1)")
-    fit.add_argument("--duplicates", default="mean", choices=["mean", "keep", "first", "error"])
-    fit.add_argument("--cell-features", type=Path, default=None)
-    fit.add_argument("--drug-features", type=Path, default=None)
-    fit.add_argument("--cell-pca", type=int, default=None, help="principal components of cells")
-    fit.add_argument("--drug-pca", type=int, default=None, help="principal components of drugs")
-    fit.add_argument(
-        "--fingerprint-radius",
-        type=int,
-        default=2,
-        help="Morgan radius when --drug-features holds SMILES (needs RDKit)",
-    )
-    fit.add_argument(
-        "--fingerprint-bits",
-        type=int,
-        default=1024,
-        help="Morgan fingerprint length when --drug-features holds SMILES",
-    )
+    _add_data_options(fit)
     _add_common(fit)
+    _add_idata_options(fit)
+    fit.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="model configuration (TOML, e.g. tune's best_config.toml); options given win",
+    )
 
     pred = sub.add_parser("predict", help="predict (task, cell, drug) pairs from a saved model")
     pred.add_argument("--model-dir", required=True, type=Path)
@@ -156,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--ic", default="loo", choices=["loo", "waic"])
     cmp_.add_argument("--out", type=Path, default=None, help="CSV of the table")
     cmp_.add_argument("-q", "--quiet", action="store_true")
+
+    add_tune_parser(sub)
     return parser
 
 
@@ -199,7 +220,7 @@ def _model_params(args) -> dict:
     if args.model not in MODELS:
         raise ValueError(f"unknown model {args.model!r}; choose one of {list(MODELS)}")
     accepted = inspect.signature(MODELS[args.model]).parameters
-    params = {}
+    params = dict(getattr(args, "config_params", None) or {})
     if args.rank is not None:
         if "rank" not in accepted:
             raise ValueError(f"model {args.model!r} has no --rank")
@@ -212,6 +233,7 @@ def _model_params(args) -> dict:
 def _fit_config(args) -> dict:
     """SVI settings given on the command line (the model's own defaults fill the rest)."""
     config = {
+        **(getattr(args, "config_fit", None) or {}),
         "guide": args.guide,
         "seed": args.seed,
         "device": args.device,
@@ -340,8 +362,8 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_fit(args) -> int:
-    """Fit a model on user files."""
+def _load_data(args) -> tuple[DrugResponseData, object, list[tuple[Path, str | None]]]:
+    """Read the response files and feature tables the data options name."""
     files = [(Path(p), t) for p, t in args.data]
     long_columns = {
         "cell": args.cell_col,
@@ -350,19 +372,30 @@ def cmd_fit(args) -> int:
         "task_column": args.task_col,
         "censor": args.censor_col,
     }
+    data, report = load_responses(
+        files,
+        format=args.format,
+        response=args.response,
+        cell_features=args.cell_features,
+        drug_features=args.drug_features,
+        duplicates=args.duplicates,
+        long_columns=long_columns,
+        fingerprint_radius=args.fingerprint_radius,
+        fingerprint_bits=args.fingerprint_bits,
+    )
+    return data, report, files
+
+
+def cmd_fit(args) -> int:
+    """Fit a model on user files."""
+    extra = {}
+    if args.config is not None:
+        apply_fit_config(args)
+        extra["config"] = str(args.config)
     with _OutputFolder(args.out) as folder:
-        data, report = load_responses(
-            files,
-            format=args.format,
-            response=args.response,
-            cell_features=args.cell_features,
-            drug_features=args.drug_features,
-            duplicates=args.duplicates,
-            long_columns=long_columns,
-            fingerprint_radius=args.fingerprint_radius,
-            fingerprint_bits=args.fingerprint_bits,
-        )
-        metrics = _fit_and_report(args, data, folder, {"files": [str(p) for p, _ in files]})
+        data, report, files = _load_data(args)
+        extra["files"] = [str(p) for p, _ in files]
+        metrics = _fit_and_report(args, data, folder, extra)
         (folder / "harmonisation.json").write_text(json.dumps(report.to_dict(), indent=1))
     _print_metrics(metrics, args.out)
     return 0
@@ -463,6 +496,7 @@ COMMANDS = {
     "models": cmd_models,
     "report": cmd_report,
     "compare": cmd_compare,
+    "tune": cmd_tune,
 }
 
 
