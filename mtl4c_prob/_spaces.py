@@ -15,6 +15,7 @@ from optuna.distributions import (
 )
 
 __all__ = [
+    "as_distribution",
     "contains",
     "decode",
     "default_search_space",
@@ -99,22 +100,64 @@ def _kernel_choices(name: str, default: str) -> tuple[str, ...]:
     return tuple(KERNELS) if name == "kernel" else tuple(COMPOSITES)
 
 
+def as_distribution(name: str, spec: Any) -> BaseDistribution:
+    """Turn a declared dimension into an Optuna distribution.
+
+    ``spec`` is a distribution, or a tuple: ``("float", low, high[, "log"])``,
+    ``("int", low, high[, "log" | step])`` or ``("categorical", choices)``.
+
+    Raises
+    ------
+    ValueError
+        When the tuple does not follow that form (the message names the dimension).
+    """
+    if isinstance(spec, BaseDistribution):
+        return spec
+    form = "('float'|'int', low, high[, 'log'|step]) or ('categorical', choices)"
+    if not isinstance(spec, (tuple, list)) or not spec:
+        raise ValueError(f"search dimension {name!r}: expected {form}, got {spec!r}")
+    kind, *rest = spec
+    try:
+        if kind == "categorical" and len(rest) == 1:
+            return CategoricalDistribution(tuple(rest[0]))
+        if kind in ("float", "int") and len(rest) in (2, 3):
+            low, high = rest[:2]
+            extra = rest[2] if len(rest) == 3 else None
+            log = extra == "log"
+            if kind == "float":
+                step = None if extra in (None, "log") else float(extra)
+                return FloatDistribution(float(low), float(high), log=log, step=step)
+            step = 1 if extra in (None, "log") else int(extra)
+            return IntDistribution(int(low), int(high), log=log, step=step)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"search dimension {name!r} = {spec!r}: {exc}") from exc
+    raise ValueError(f"search dimension {name!r}: expected {form}, got {spec!r}")
+
+
 def search_space(model: str | type) -> dict[str, BaseDistribution]:
     """Search space over a model's constructor arguments (priors, ranks, kernels).
 
-    A model declares its space as the class attribute ``search_space`` (a dict of
-    argument name -> :mod:`optuna.distributions` distribution; a tuple-valued argument
-    such as hidden-layer widths is searched over strings like ``"64-32"``). Models that
-    declare none get :func:`default_search_space`.
+    A model declares its space as the class attribute ``search_space``: argument name
+    -> dimension, in the forms :func:`as_distribution` reads (so model modules need not
+    import Optuna). A tuple-valued argument such as hidden-layer widths is searched over
+    strings like ``"64-32"``. A subclass inherits its parent's space, less the
+    arguments it does not take; models that declare none get
+    :func:`default_search_space`.
+
+    Raises
+    ------
+    ValueError
+        When a class's own declaration names an argument its constructor lacks.
     """
     cls = model_class(model)
     declared = getattr(cls, "search_space", None)
     if declared is None:
         return default_search_space(cls)
-    unknown = sorted(set(declared) - set(model_defaults(cls)))
-    if unknown:
+    accepted = model_defaults(cls)
+    unknown = sorted(set(declared) - set(accepted))
+    if unknown and "search_space" in vars(cls):
         raise ValueError(f"{cls.__name__}.search_space names unknown arguments {unknown}")
-    return dict(declared)
+    return {k: as_distribution(k, v) for k, v in declared.items() if k in accepted}
 
 
 def fit_search_space(model: str | type) -> dict[str, BaseDistribution]:
@@ -123,14 +166,14 @@ def fit_search_space(model: str | type) -> dict[str, BaseDistribution]:
     Around the model's ``fit_defaults`` (or the :class:`~mtl4c_prob.inference.SVIConfig`
     defaults): the learning rate log-uniformly within a factor of 3, the number of steps
     from half to 1.5 times the default in multiples of 50. A model may declare its own
-    as the class attribute ``fit_search_space``.
+    as the class attribute ``fit_search_space`` (same forms as ``search_space``).
     """
     from mtl4c_prob.inference import SVIConfig
 
     cls = model_class(model)
     declared = getattr(cls, "fit_search_space", None)
     if declared is not None:
-        return dict(declared)
+        return {k: as_distribution(k, v) for k, v in declared.items()}
     base = SVIConfig()
     lr = float(cls.fit_defaults.get("lr", base.lr))
     steps = int(cls.fit_defaults.get("steps", base.steps))

@@ -35,6 +35,7 @@ from optuna.trial import TrialState
 
 from mtl4c_prob._config import write_toml
 from mtl4c_prob._spaces import (
+    as_distribution,
     contains,
     decode,
     default_search_space,
@@ -275,16 +276,15 @@ def _check_args(objective, n_trials, timeout, workers, folds, val_fraction, spli
 def _spaces(cls, params, fit, space, tune_fit):
     from mtl4c_prob.inference import SVIConfig
 
+    changes = {k: None if v is None else as_distribution(k, v) for k, v in (space or {}).items()}
     model_space = search_space(cls)
-    for name, dist in (space or {}).items():
+    for name, dist in changes.items():
         if dist is None:
             model_space.pop(name, None)
         elif name not in SVIConfig.__dataclass_fields__:
             model_space[name] = dist
     fit_space = fit_search_space(cls) if tune_fit else {}
-    fit_space.update(
-        {k: v for k, v in (space or {}).items() if k in SVIConfig.__dataclass_fields__}
-    )
+    fit_space.update({k: v for k, v in changes.items() if k in SVIConfig.__dataclass_fields__})
     fit_space = {k: v for k, v in fit_space.items() if v is not None and k not in fit}
     model_space = {k: v for k, v in model_space.items() if k not in params}
     clash = sorted(set(model_space) & set(SVIConfig.__dataclass_fields__))
@@ -382,8 +382,10 @@ def tune(
     fit : dict, optional
         Fixed SVI settings (``steps``, ``lr``, ``batch_size``, ``guide``, ...).
     space : dict, optional
-        Changes to the search space: name -> distribution adds or replaces a dimension
-        (SVI setting names go to the fit space), name -> None removes one.
+        Changes to the search space: name -> dimension (an Optuna distribution or a
+        tuple such as ``("float", 0.1, 10, "log")``, see
+        :func:`~mtl4c_prob._spaces.as_distribution`) adds or replaces one (SVI setting
+        names go to the fit space), name -> None removes one.
     tune_fit : bool, default=True
         Also search ``lr`` and ``steps`` (:func:`fit_search_space`).
     cell_pca, drug_pca : int, optional

@@ -63,6 +63,12 @@ class ProbabilisticModel:
     #: Whether the model cannot run without cell (or drug) features.
     requires_cell_features: ClassVar[bool] = False
     requires_drug_features: ClassVar[bool] = False
+    #: Search space of ``mtl4c-prob tune`` over constructor arguments: name -> dimension,
+    #: ``("float", low, high[, "log"])``, ``("int", low, high[, "log"])`` or
+    #: ``("categorical", choices)``. None: read from the signature (prior scales, ranks).
+    search_space: ClassVar[dict[str, tuple] | None] = None
+    #: Search space over SVI settings (None: ``lr`` and ``steps`` around ``fit_defaults``).
+    fit_search_space: ClassVar[dict[str, tuple] | None] = None
 
     def __init__(self, *, multitask: bool = True) -> None:
         self.multitask = multitask

@@ -168,6 +168,15 @@ class BayesianFFNN(ProbabilisticModel):
     name = "ffnn"
     requires_cell_features = True
     fit_defaults = {"steps": 1000, "lr": 0.02, "batch_size": 16384}
+    #: Ranges searched by ``mtl4c-prob tune`` (each holds the default).
+    search_space = {
+        "hidden": ("categorical", ("64-32", "128-64", "256-128", "128-64-32")),
+        "weight_scale": ("float", 0.1, 3.0, "log"),
+        "drug_embedding": ("int", 4, 64, "log"),
+        "task_scale": ("float", 0.03, 1.5, "log"),
+        "noise": ("categorical", ("task", "drug", "cell-drug")),
+        "noise_spread": ("float", 0.1, 2.0, "log"),
+    }
 
     def __init__(
         self,

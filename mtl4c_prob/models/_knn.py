@@ -124,6 +124,17 @@ feature_scale, noise, noise_scale, noise_spread
     """
 
     name = "knn"
+    #: Ranges searched by ``mtl4c-prob tune`` (each holds the default).
+    search_space = {
+        "k": ("int", 10, 80, "log"),
+        "shrinkage": ("float", 10.0, 1000.0, "log"),
+        "weight_scale": ("float", 0.1, 2.0, "log"),
+        "weight_spread": ("float", 0.05, 1.5, "log"),
+        "bias_scale": ("float", 0.1, 5.0, "log"),
+        "task_scale": ("float", 0.03, 1.5, "log"),
+        "noise": ("categorical", ("task", "drug", "cell-drug")),
+        "noise_spread": ("float", 0.1, 2.0, "log"),
+    }
 
     def __init__(
         self,

@@ -34,6 +34,14 @@ class MeanEffects(BayesianMF):
     """
 
     name = "mean"
+    #: Ranges searched by ``mtl4c-prob tune`` (each holds the default).
+    search_space = {
+        "bias_scale": ("float", 0.1, 5.0, "log"),
+        "task_scale": ("float", 0.03, 1.5, "log"),
+        "feature_scale": ("float", 0.1, 5.0, "log"),
+        "noise": ("categorical", ("task", "drug", "cell-drug")),
+        "noise_spread": ("float", 0.1, 2.0, "log"),
+    }
 
     def __init__(
         self,

@@ -91,6 +91,16 @@ class BayesianMF(ProbabilisticModel):
     """
 
     name = "mf"
+    #: Ranges searched by ``mtl4c-prob tune`` (each holds the default).
+    search_space = {
+        "rank": ("int", 8, 128, "log"),
+        "factor_scale": ("float", 0.1, 5.0, "log"),
+        "bias_scale": ("float", 0.1, 5.0, "log"),
+        "task_scale": ("float", 0.03, 1.5, "log"),
+        "feature_scale": ("float", 0.1, 5.0, "log"),
+        "noise": ("categorical", ("task", "drug", "cell-drug")),
+        "noise_spread": ("float", 0.1, 2.0, "log"),
+    }
 
     def __init__(
         self,

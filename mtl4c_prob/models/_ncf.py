@@ -69,6 +69,17 @@ class _NCF(ProbabilisticModel):
     drug_features: bool | None = False
     feature_scale: float = 1.0
     residual_scale: float | None = None
+    #: Ranges searched by ``mtl4c-prob tune`` (each holds the default).
+    search_space = {
+        "factors": ("int", 4, 64, "log"),
+        "layers": ("categorical", ("16-8", "32-16-8", "64-32-16", "128-64-32")),
+        "weight_scale": ("float", 0.1, 3.0, "log"),
+        "factor_scale": ("float", 0.1, 3.0, "log"),
+        "bias_scale": ("float", 0.1, 5.0, "log"),
+        "task_scale": ("float", 0.03, 1.5, "log"),
+        "noise": ("categorical", ("task", "drug", "cell-drug")),
+        "noise_spread": ("float", 0.1, 2.0, "log"),
+    }
 
     def __init__(
         self,
