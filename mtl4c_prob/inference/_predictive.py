@@ -51,9 +51,20 @@ def draw_loc_scale(
 
 
 def mixture_quantiles(
-    loc: torch.Tensor, scale: torch.Tensor, probs: Sequence[float], iters: int = 40
+    loc: torch.Tensor,
+    scale: torch.Tensor,
+    probs: Sequence[float],
+    iters: int = 60,
+    tol: float = 1e-6,
 ) -> torch.Tensor:
-    """Quantiles of the equal-weight Gaussian mixture over draws, per column, by bisection.
+    """Quantiles of the equal-weight Gaussian mixture over draws, per column.
+
+    Safeguarded Newton iterations on the mixture CDF, started at the moment-matched
+    Gaussian quantile: a step that would leave the current bracket is replaced by
+    bisection, so every column converges; near the answer Newton doubles the correct
+    digits per step. Iterations stop once every column's mixture CDF is within ``tol`` of
+    its probability: typically after 3-5 passes over the draws, where plain bisection
+    needed 40 (which made quantiles the slowest part of predicting GDSC2).
 
     Parameters
     ----------
@@ -61,23 +72,37 @@ def mixture_quantiles(
         Component means and sds.
     probs : sequence of float
         Probabilities in (0, 1).
+    iters : int, default=60
+        Most Newton (or bisection) steps.
+    tol : float, default=1e-6
+        Stop when ``|CDF(q) - p| < tol`` in every column.
 
     Returns
     -------
     Tensor of shape (len(probs), n_obs)
     """
     mean = loc.mean(0)
+    sd = ((scale**2).mean(0) + loc.var(0, unbiased=False)).sqrt()
     spread = (scale.max(0).values + (loc - mean).abs().max(0).values) * 8.0
+    inv_sqrt_2pi = 0.3989422804014327
     out = []
     for p in probs:
         lo, hi = mean - spread, mean + spread
+        x = mean + sd * float(torch.special.ndtri(torch.tensor(p, dtype=torch.float64)))
         for _ in range(iters):
-            mid = 0.5 * (lo + hi)
-            cdf = torch.special.ndtr((mid - loc) / scale).mean(0)
+            z = (x - loc) / scale
+            cdf = torch.special.ndtr(z).mean(0)
+            pdf = (torch.exp(-0.5 * z * z) / scale).mean(0) * inv_sqrt_2pi
+            done = ((cdf - p).abs() < tol) | (hi - lo <= 1e-6 * (1 + x.abs()))
+            if bool(done.all()):
+                break
             below = cdf < p
-            lo = torch.where(below, mid, lo)
-            hi = torch.where(below, hi, mid)
-        out.append(0.5 * (lo + hi))
+            lo = torch.where(below, x, lo)
+            hi = torch.where(below, hi, x)
+            step = x - (cdf - p) / pdf.clamp_min(1e-30)
+            inside = (step >= lo) & (step <= hi) & torch.isfinite(step)
+            x = torch.where(inside, step, 0.5 * (lo + hi))
+        out.append(x)
     return torch.stack(out)
 
 

@@ -33,6 +33,37 @@ def test_mixture_quantiles_of_two_components():
     assert abs(0.5 * (norm.cdf(x + 2) + norm.cdf(x - 2)) - 0.9) < 1e-5
 
 
+def test_mixture_quantiles_match_root_finding_on_hard_mixtures():
+    # Separated modes (the CDF is flat between them, where Newton steps explode), one
+    # far outlier among 300 draws (a heavy-tailed posterior), and very unequal scales.
+    from scipy.optimize import brentq
+
+    rng = np.random.default_rng(0)
+    loc = np.stack(
+        [
+            np.r_[np.full(150, -10.0), np.full(150, 10.0)],
+            np.r_[rng.normal(0, 0.1, 299), 500.0],
+            rng.normal(0, 1, 300),
+        ],
+        axis=1,
+    )
+    scale = np.stack([np.ones(300), np.full(300, 0.5), np.exp(rng.normal(0, 2, 300))], axis=1)
+    probs = [0.05, 0.5, 0.95, 0.999]
+    q = mixture_quantiles(
+        torch.tensor(loc, dtype=torch.float64), torch.tensor(scale, dtype=torch.float64), probs
+    ).numpy()
+    for j in range(loc.shape[1]):
+        for i, p in enumerate(probs):
+
+            def f(x, j=j, p=p):
+                return norm.cdf((x - loc[:, j]) / scale[:, j]).mean() - p
+
+            exact = brentq(f, -1e4, 1e4, xtol=1e-10)
+            # Flat CDF between the modes: compare in probability where the quantile
+            # is ill-conditioned, in x elsewhere.
+            assert abs(f(q[i, j])) < 1e-6 or abs(q[i, j] - exact) < 1e-4, (j, p, q[i, j], exact)
+
+
 @pytest.fixture(scope="module")
 def fitted():
     y = np.random.default_rng(0).normal(1.0, 1.0, size=100)
