@@ -146,7 +146,7 @@ def check_study_settings(study: optuna.Study, settings: dict[str, Any], what: st
 
 
 def worker_tag() -> dict[str, Any]:
-    """Host name and process id, stored on each trial a worker runs."""
+    """Host name and process id, stored as user attribute ``worker`` of each trial."""
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
@@ -175,8 +175,9 @@ def fail_dead_local_trials(study: optuna.Study, storage: optuna.storages.BaseSto
     """
     host, count = socket.gethostname(), 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        pid = trial.user_attrs.get("pid")
-        if trial.user_attrs.get("host") == host and isinstance(pid, int) and not _alive(pid):
+        worker = trial.user_attrs.get("worker") or {}
+        pid = worker.get("pid")
+        if worker.get("host") == host and isinstance(pid, int) and not _alive(pid):
             storage.set_trial_state_values(trial_id(storage, study, trial.number), TrialState.FAIL)
             count += 1
     if count:

@@ -107,8 +107,7 @@ class Objective:
         from mtl4c_prob.models import get_model
 
         spec = self.spec
-        for key, value in worker_tag().items():
-            trial.set_user_attr(key, value)
+        trial.set_user_attr("worker", worker_tag())
         values = suggest(trial, spec.space)
         params = {**{k: decode(self.defaults, k, v) for k, v in values.items()}, **spec.params}
         fit = {**suggest(trial, spec.fit_space), **spec.fit}
@@ -134,9 +133,9 @@ class Objective:
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after fold {fold + 1}")
 
-        for key in rows[0]:
-            trial.set_user_attr(key, float(np.mean([r[key] for r in rows])))
-        trial.set_user_attr("fit_seconds", round(time.perf_counter() - start, 3))
+        metrics = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+        metrics["fit_seconds"] = round(time.perf_counter() - start, 3)
+        trial.set_user_attr("metrics", metrics)
         return float(np.mean(scores))
 
     def _score(self, model, val: DrugResponseData) -> tuple[float, dict[str, float]]:

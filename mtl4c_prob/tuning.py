@@ -169,7 +169,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         )
         row = {"number": t.number, "state": t.state.name, "value": t.value, "seconds": duration}
         row.update(t.params)
-        row.update({k: v for k, v in t.user_attrs.items() if isinstance(v, (int, float, str))})
+        row.update(t.user_attrs.get("metrics") or {})
+        row.update(t.user_attrs.get("worker") or {})
         rows.append(row)
     return pd.DataFrame(rows)
 

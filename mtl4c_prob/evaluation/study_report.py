@@ -182,8 +182,10 @@ def _label_axis(ax, which: str, name: str, info: dict) -> None:
 def _contour(study: optuna.Study, names: list[str]) -> Figure | None:
     trials = [t for t in _complete(study) if all(n in t.params for n in names)]
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
-    if len(trials) < 3 or not pairs:
+    if len(trials) < 3 or not names:
         return None
+    if not pairs:
+        return _slice(study, trials, names[0])
     fig, axes = _new_figure(1, len(pairs), 3.6, 3.0)
     values = np.array([t.value for t in trials])
     vmin, vmax = np.min(values), np.quantile(values, 0.9)
@@ -203,6 +205,20 @@ def _contour(study: optuna.Study, names: list[str]) -> Figure | None:
         _label_axis(ax, "x", a, xi)
         _label_axis(ax, "y", b, yi)
     fig.colorbar(points, ax=list(axes), shrink=0.85, label="objective")
+    return fig
+
+
+def _slice(study: optuna.Study, trials, name: str) -> Figure:
+    """Objective against the one searched parameter (the contour plot of one dimension)."""
+    fig, (ax,) = _new_figure(1, 1, 5.0, 3.0)
+    x, info = _axis_values(trials, name, study)
+    values = np.array([t.value for t in trials])
+    ax.scatter(x, values, s=18, color=_OTHER)
+    best = int(np.argmin(values))
+    ax.scatter(x[best], values[best], marker="*", s=140, color=_BEST, edgecolors="k", lw=0.5)
+    _label_axis(ax, "x", name, info)
+    _clip_y(ax, values)
+    ax.set_ylabel("objective")
     return fig
 
 
@@ -339,15 +355,16 @@ def _summary(study: optuna.Study, objective: str, settings) -> ReportSection:
     done = sorted(_complete(study), key=lambda t: t.value)
     if done:
         names = sorted({n for t in done for n in t.params})
-        extra = sorted({k for t in done for k in t.user_attrs if k.startswith("val_")})
+        metrics = [t.user_attrs.get("metrics") or {} for t in done]
+        extra = sorted({k for m in metrics for k in m if k.startswith("val_")})
         rows = [
             [
                 t.number,
                 t.value,
                 *[t.params.get(n) for n in names],
-                *[t.user_attrs.get(k) for k in extra],
+                *[m.get(k) for k in extra],
             ]
-            for t in done[:10]
+            for t, m in zip(done[:10], metrics, strict=False)
         ]
         parts.append("<h3>Best trials</h3>")
         parts.append(_html_table(["trial", objective, *names, *extra], rows))
