@@ -25,7 +25,13 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-from mtl4c_prob.evaluation.diagnostics import IDATA_FILE, compare, elpd_summary, loo
+from mtl4c_prob.evaluation.diagnostics import (
+    IDATA_FILE,
+    compare,
+    elpd_summary,
+    loo,
+    loo_pit,
+)
 from mtl4c_prob.evaluation.metrics import coverage, crps_gaussian, gaussian_nll, rmse
 from mtl4c_prob.evaluation.report import (
     _NOMINAL_LEVELS,
@@ -234,15 +240,12 @@ def _ppc_section(folders: Sequence[FitFolder], rng: np.random.Generator) -> Repo
 
 
 def _loo_pit_section(folders: Sequence[FitFolder]) -> tuple[ReportSection, dict]:
-    from mtl4c_prob.evaluation.diagnostics import _az
-
     have = [f for f in folders if f.idata is not None and "log_likelihood" in f.idata]
     results = {}
     if not have:
         return ReportSection("loo-pit", "LOO-PIT", _unavailable("log-likelihood", folders)), results
     fig, axes = _new_figure(1, len(have), 4.0 if len(have) > 1 else 6.0, 3.0)
     rows = []
-    az = _az()
     for ax, f in zip(axes, have, strict=False):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DiagnosticWarning)
@@ -261,9 +264,7 @@ def _loo_pit_section(folders: Sequence[FitFolder]) -> tuple[ReportSection, dict]
             ]
         )
         if "posterior_predictive" in f.idata:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                pit = np.asarray(az.loo_pit(f.idata, y="y")).ravel()
+            pit = loo_pit(f.idata)
             ax.hist(pit[np.isfinite(pit)], color="#0072B2", **_PIT_STYLE)
             ax.axhline(1.0, color="0.3", lw=1, ls="--")
         ax.set(title=_mpl_text(f.name), xlabel="LOO-PIT", ylabel="density", xlim=(0, 1))
@@ -457,7 +458,7 @@ def _task_correlation_section(folders: Sequence[FitFolder]) -> ReportSection:
     return ReportSection("task-correlation", "Task correlation", body)
 
 
-def _compare_section(folders: Sequence[FitFolder]) -> ReportSection:
+def _compare_section(folders: Sequence[FitFolder], results: dict) -> ReportSection:
     have = [f for f in folders if f.idata is not None and "log_likelihood" in f.idata]
     if len(have) < 2:
         return ReportSection(
@@ -468,7 +469,7 @@ def _compare_section(folders: Sequence[FitFolder]) -> ReportSection:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DiagnosticWarning)
-            table = compare({f.name: f.idata for f in have})
+            table = compare({f.name: f.idata for f in have}, precomputed=results)
     except DataError as exc:
         return ReportSection("loo-compare", "LOO comparison", _note(f"LOO comparison: {exc}."))
     cols = [
@@ -525,7 +526,7 @@ def build_folder_report(
     if level is None:
         level = float(read[0].metrics.get("info", {}).get("level", 0.9))
     rng = np.random.default_rng(seed)
-    loo_section, _ = _loo_pit_section(read)
+    loo_section, loo_results = _loo_pit_section(read)
     sections = [
         _summary_section(read),
         _elbo_section(read),
@@ -536,7 +537,7 @@ def build_folder_report(
         _metrics_section(read),
         _forest_section(read),
         _task_correlation_section(read),
-        _compare_section(read),
+        _compare_section(read, loo_results),
     ]
     title = title or "mtl4c-prob diagnostics: " + ", ".join(f.name for f in read)
     text = render_report(sections, title=title)
