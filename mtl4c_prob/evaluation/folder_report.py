@@ -414,7 +414,7 @@ def _forest_section(folders: Sequence[FitFolder]) -> ReportSection:
     body = ""
     for f, entries in panels:
         n = len(entries)
-        fig, (ax,) = _new_figure(1, 1, 7.0, max(2.0, 0.22 * n + 0.8))
+        fig, (ax,) = _new_figure(1, 1, 8.0, max(2.0, 0.22 * n + 0.8))
         for i, (_, draws) in enumerate(entries):
             lo, mid, hi = np.quantile(draws, [0.03, 0.5, 0.97])
             ax.plot([lo, hi], [i, i], color="#0072B2", lw=1.5)
@@ -426,6 +426,8 @@ def _forest_section(folders: Sequence[FitFolder]) -> ReportSection:
         if positive:
             ax.set_xscale("log")
         ax.set(title=_mpl_text(f.name), xlabel="posterior (median, 94% interval)")
+        longest = max(len(e[0]) for e in entries)
+        fig.subplots_adjust(left=min(0.6, 0.06 + 0.0105 * longest), right=0.97)
         body += _figure_to_img(fig, f"forest plot of {f.name}")
     body += _note("Posterior medians and 94% intervals of the scale, spread and noise parameters.")
     return ReportSection("forest", "Prior scales and noise", body)
