@@ -1,4 +1,4 @@
-"""The ``mtl4c-prob`` command: run, fit, predict, models, report, compare and tune."""
+"""The ``mtl4c-prob`` command: run, fit, predict, models, report, compare, tune, experiment."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from mtl4c_prob.data import (
     split,
 )
 from mtl4c_prob.exceptions import DataError, Mtl4cWarning
+from mtl4c_prob.experiment import add_experiment_parser, cmd_experiment
 from mtl4c_prob.models import DESCRIPTIONS, MODEL_FILE, get_model, load_model
 from mtl4c_prob.tuning import add_tune_parser, cmd_tune
 
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("-q", "--quiet", action="store_true")
 
     add_tune_parser(sub)
+    add_experiment_parser(sub)
     return parser
 
 
@@ -497,6 +499,7 @@ COMMANDS = {
     "report": cmd_report,
     "compare": cmd_compare,
     "tune": cmd_tune,
+    "experiment": cmd_experiment,
 }
 
 
