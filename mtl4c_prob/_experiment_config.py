@@ -135,7 +135,14 @@ def _resolve_file(entry: Any, base: Path) -> Any:
     return str((base / entry).resolve())
 
 
+def _check_name(name: Any, kind: str) -> None:
+    if not isinstance(name, str) or not name or "|" in name:
+        raise ValueError(f"{kind} name {name!r} must be a non-empty string without '|'")
+
+
 def dataset_settings(name: str, value: Any, defaults: dict) -> dict[str, Any]:
+    """Check one dataset entry; the experiment's split settings fill in its defaults."""
+    _check_name(name, "dataset")
     settings = {"data": value} if isinstance(value, DrugResponseData) else dict(value)
     settings = {**defaults, **settings, "name": str(name)}
     if (
@@ -156,6 +163,7 @@ def dataset_settings(name: str, value: Any, defaults: dict) -> dict[str, Any]:
 
 
 def model_settings(models: Mapping[str, Any] | Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """Label -> ``{"model", "params", "fit"}`` from names, instances or dict entries."""
     from mtl4c_prob.models import ProbabilisticModel
 
     if not isinstance(models, Mapping):
@@ -174,6 +182,8 @@ def model_settings(models: Mapping[str, Any] | Sequence[Any]) -> dict[str, dict[
             spec = {"model": value.name, "params": value.get_params()}
         else:
             spec = dict(value)
+            _unknown(spec, {"model", "params", "fit", "single_task"}, f"model {label!r}")
+        _check_name(label, "model")
         spec.setdefault("model", label)
         params = dict(spec.get("params") or {})
         if spec.pop("single_task", False):

@@ -478,15 +478,21 @@ class ModelTraining:
         methods: Sequence[Any],
         metrics: Sequence[str] | None = None,
         nruns: int = 1,
+        fit: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> pd.DataFrame:
         """Fit every method ``nruns`` times on fresh seeded splits of the dataset(s).
 
+        ``methods`` are model instances or registered names; ``fit`` holds SVI settings
+        for all of them (``steps``, ``lr``, ...; default: each model's own) and
         ``options`` go to :class:`Experiment` (``split``, ``seed``, ``level``, ...).
         Returns the overall results, one row per method and run, with the ``metrics``
         asked for as columns (all of them by default).
         """
         datasets = dataset if isinstance(dataset, Mapping) else {"data": dataset}
+        if fit:
+            labelled = model_settings(methods)
+            methods = {k: {**v, "fit": {**v["fit"], **fit}} for k, v in labelled.items()}
         name = self.folder.name or "experiment"
         self.experiment = Experiment(name, datasets, methods, self.folder, runs=nruns, **options)
         frame = self.experiment.run()
