@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 
 from mtl4c_prob.models._base import MODEL_FILE, ProbabilisticModel
+from mtl4c_prob.models._gp import SparseGP
+from mtl4c_prob.models._gp_exact import ExactGP
 from mtl4c_prob.models._likelihoods import CensoredNormal, gaussian_likelihood
 from mtl4c_prob.models._mean import MeanEffects
 from mtl4c_prob.models._mf import BayesianMF
@@ -20,6 +22,8 @@ _REGISTRY = {
     "ncf-features": ("_ncf", "FeaturizedNCF", "Bayesian NCF with feature-driven embeddings"),
     "ncf-pooled-mlp": ("_ncf", "PooledMLPNCF", "multitask NCF: pooled MLP, one GMF per task"),
     "ncf-pooled-gmf": ("_ncf", "PooledGMFNCF", "multitask NCF: pooled GMF, one MLP per task"),
+    "gp": ("_gp_exact", "ExactGP", "exact GP regression on cell and drug inputs (small data)"),
+    "sgp": ("_gp", "SparseGP", "sparse variational GP on cell and drug inputs, minibatch"),
 }
 
 
@@ -59,8 +63,10 @@ __all__ = [
     "MODEL_FILE",
     "BayesianMF",
     "CensoredNormal",
+    "ExactGP",
     "MeanEffects",
     "ProbabilisticModel",
+    "SparseGP",
     "gaussian_likelihood",
     "get_model",
     "load_model",

@@ -1,0 +1,619 @@
+"""Single-task Gaussian processes over cell and drug inputs: sparse variational and exact."""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+
+from mtl4c_prob.data import DrugResponseData, TensorData
+from mtl4c_prob.exceptions import NumericalWarning, warn_external
+from mtl4c_prob.inference import SVIConfig
+from mtl4c_prob.models._base import ProbabilisticModel
+from mtl4c_prob.models._kernels import (
+    CellDrugKernel,
+    check_kernel_options,
+    identity_inputs,
+    reference_distances,
+)
+from mtl4c_prob.models._likelihoods import gaussian_likelihood
+from mtl4c_prob.models._mf import _fresh, _rows
+from mtl4c_prob.models._packing import Layout
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SparseGP"]
+
+DRUG_INPUTS = ("auto", "features", "identity", "both")
+GP_NOISE = ("task", "drug")
+#: Rows whose cross-covariances are formed at once (bounds memory at O(M * CHUNK)).
+CHUNK = 16384
+
+
+class _Inducing(PyroModule):
+    """Inducing inputs: point-estimated parameters, or fixed buffers, by block name."""
+
+    def __init__(self, blocks: dict[str, torch.Tensor], learned: dict[str, bool]) -> None:
+        super().__init__(name="inducing")
+        self.names = list(blocks)
+        for name, value in blocks.items():
+            if learned[name]:
+                setattr(self, name, torch.nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        """Return the inducing inputs by block (reading a parameter records its site)."""
+        return {name: getattr(self, name) for name in self.names}
+
+    def learned(self) -> dict[str, bool]:
+        """Which blocks are optimised."""
+        return {name: isinstance(getattr(self, name), torch.nn.Parameter) for name in self.names}
+
+
+class _GPBase(ProbabilisticModel):
+    """What both GPs share: inputs, kernel, mean effects, noise, jittered Cholesky."""
+
+    requires_cell_features = True
+    #: Whether drug effects are latent sites (sparse GP) or part of the kernel (exact GP).
+    _latent_drug_effects = True
+
+    def _init_common(self, **options: Any) -> None:
+        check_kernel_options(options["kernel"], options["composite"])
+        if options["drug_input"] not in DRUG_INPUTS:
+            raise ValueError(
+                f"drug_input must be one of {DRUG_INPUTS}, got {options['drug_input']!r}"
+            )
+        if options["noise"] not in GP_NOISE:
+            raise ValueError(f"noise must be one of {GP_NOISE}, got {options['noise']!r}")
+        for arg, value in options.items():
+            if arg.endswith(("_loc", "_scale", "_spread")) or arg == "jitter":
+                if not value > 0:
+                    raise ValueError(f"{arg} must be positive, got {value}")
+                value = float(value)
+            setattr(self, arg, value)
+        self.ard = bool(self.ard)
+
+    # ------------------------------------------------------------ inputs
+    def _use_drug_features(self) -> bool:
+        if self.drug_input == "auto":
+            return getattr(self, "_auto_drug", False)
+        return self.drug_input in ("features", "both")
+
+    def _uses_identity(self) -> bool:
+        return self.drug_input in ("auto", "identity", "both")
+
+    def _prepare(self, train: DrugResponseData) -> None:
+        self._layout_cache = None
+        self._auto_drug = train.drug_features is not None
+        super()._prepare(train)
+
+    def _restore(self, state, path, device) -> None:
+        self._auto_drug = (path / "drug_features.parquet").is_file()
+        self._layout_cache = None
+        super()._restore(state, path, device)
+
+    def _fit_joint(self, train, val, config) -> None:
+        self._fit_seed = config.seed
+        super()._fit_joint(train, val, config)
+
+    def _dims(self) -> tuple[int, int, int]:
+        """Widths of the cell, drug-feature and drug-identity input blocks."""
+        drug = self.drug_table_.shape[1] if self.drug_table_ is not None else 0
+        identity = int(self.seen_drugs_.sum()) + 1 if self._uses_identity() else 0
+        return self.cell_table_.shape[1], drug, identity
+
+    def _inputs(self, data: TensorData) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cell inputs (n_cells, P) and drug inputs (n_drugs, D' + J') of ``data``.
+
+        The drug inputs are cached per drug feature table (the same tensor object in
+        every step), so that the kernels can keep their distances between steps.
+        """
+        cache = self.__dict__.setdefault("_drug_inputs", {})
+        key = (data.n_drugs, str(data.device))
+        hit = cache.get(key)
+        if hit is not None and (
+            hit[0] is None and data.drug_x is None or (hit[0] and hit[0]() is data.drug_x)
+        ):
+            return data.cell_x, hit[1]
+        parts = []
+        if self.drug_table_ is not None:
+            parts.append(data.drug_x)
+        if self._uses_identity():
+            parts.append(identity_inputs(self.seen_mask("drug", data.n_drugs, data.device)))
+        drug_in = torch.cat(parts, dim=1)
+        ref = None if data.drug_x is None else weakref.ref(data.drug_x)
+        cache.clear()
+        cache[key] = (ref, drug_in)
+        return data.cell_x, drug_in
+
+    def _build_kernel(self, reference: dict[str, float]) -> None:
+        self.reference_ = dict(reference)
+        self.kernel_ = CellDrugKernel(
+            *self._dims(),
+            kernel=self.kernel,
+            composite=self.composite,
+            ard=self.ard,
+            reference=reference,
+            lengthscale_prior_loc=self.lengthscale_prior_loc,
+            lengthscale_prior_scale=self.lengthscale_prior_scale,
+            variance_prior_loc=self.variance_prior_loc,
+            variance_prior_scale=self.variance_prior_scale,
+        ).to(self.device_)
+
+    def _train_rows(self, train: DrugResponseData, device: torch.device) -> dict:
+        data = self._tensors(train, device, with_y=True)
+        return {"data": data, "task": data.task, "cell": data.cell, "drug": data.drug}
+
+    # ----------------------------------------------------------- latents
+    def _layouts(self) -> dict[str, Layout]:
+        """Blocks of the packed sites ``z`` (standard normals) and ``scales`` (half-normals)."""
+        if getattr(self, "_layout_cache", None) is not None:
+            return self._layout_cache
+        T, J = self.n_tasks_, self.n_drugs_
+        deviations = self.multitask and T > 1
+        z, sc = Layout(), Layout()
+        z.add("offset")
+        if T > 1:
+            z.add("task_offset_z", T)
+            sc.add("task_offset_sd", scale=self.offset_scale)
+        if self._latent_drug_effects:
+            z.add("drug_z", J)
+            if deviations:
+                z.add("drug_task_z", T, J)
+        sc.add("drug_bias_sd", scale=self.bias_scale)
+        if deviations:
+            sc.add("drug_bias_task_sd", T, scale=self.task_scale)
+        sc.add("noise_sd", T, scale=self.noise_scale)
+        if self.noise == "drug":
+            z.add("drug_noise_z", T, J)
+            sc.add("drug_noise_spread", scale=self.noise_spread)
+        self._layout_cache = {"z": z, "scales": sc}
+        return self._layout_cache
+
+    def init_loc_fn(self, site: dict) -> torch.Tensor:
+        """Start latents at zero, scales small, noise at 0.5, hyperparameters at prior medians."""
+        name = site["name"]
+        if name in ("z", "scales"):
+            layout = self._layouts()[name]
+            if name == "z":
+                return torch.zeros(layout.size)
+            init = torch.full((layout.size,), 0.1)
+            for block, value in (("noise_sd", 0.5), ("drug_bias_sd", 0.5)):
+                init[layout.blocks[block][0]] = value
+            return init
+        if name == "u":
+            return torch.zeros(site["fn"].shape())
+        fn = site["fn"]
+        while hasattr(fn, "base_dist"):
+            fn = fn.base_dist
+        if isinstance(fn, dist.LogNormal):
+            return fn.loc.exp().expand(site["fn"].shape())
+        return super().init_loc_fn(site)
+
+    def unpack_sites(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Named blocks of the packed ``z`` and ``scales`` sites; other sites as they are."""
+        layouts, out = self._layouts(), {}
+        for site, value in values.items():
+            out.update(layouts[site].unpack(value) if site in layouts else {site: value})
+        return out
+
+    def _effects(self, data: TensorData) -> tuple:
+        """Sample the packed sites; return them with task offsets (T,) and log noise sd.
+
+        The log noise sd has shape (n_tasks, n_drugs or 1).
+        """
+        layouts, dev = self._layouts(), data.device
+        z_all = pyro.sample(
+            "z", dist.Normal(torch.zeros(layouts["z"].size, device=dev), 1.0).to_event(1)
+        )
+        sc_all = pyro.sample(
+            "scales", dist.HalfNormal(layouts["scales"].scale_tensor(dev)).to_event(1)
+        )
+        z, sc = layouts["z"].unpack(z_all), layouts["scales"].unpack(sc_all)
+        offset = self.offset_scale * z["offset"].expand(self.n_tasks_)
+        if "task_offset_z" in z:
+            offset = offset + sc["task_offset_sd"] * z["task_offset_z"]
+        log_noise = torch.log(sc["noise_sd"])[:, None]
+        if "drug_noise_z" in z:
+            eta = _fresh(z["drug_noise_z"], self.seen_mask("drug", data.n_drugs, dev), 1)
+            log_noise = log_noise + sc["drug_noise_spread"] * eta
+        return z, sc, offset, log_noise
+
+    def _cholesky(self, K: torch.Tensor) -> torch.Tensor:
+        """Lower Cholesky factor of ``K``, with jitter that grows tenfold if it fails."""
+        eye = torch.eye(K.shape[-1], device=K.device, dtype=K.dtype)
+        base = self.jitter * K.diagonal().mean().detach()
+        for attempt in range(4):
+            L, info = torch.linalg.cholesky_ex(K + base * 10**attempt * eye)
+            if int(info) == 0:
+                if attempt and not getattr(self, "_jitter_warned", False):
+                    self._jitter_warned = True
+                    warn_external(
+                        f"Cholesky needed jitter {float(base) * 10**attempt:.2e}; the covariance "
+                        "is nearly singular (duplicate inputs, or a very long lengthscale)",
+                        NumericalWarning,
+                    )
+                return L
+        raise torch.linalg.LinAlgError(
+            f"Cholesky failed with jitter up to {float(base) * 1000:.2e}: standardise the "
+            "features, raise jitter or noise_scale, or check for duplicate cell lines"
+        )
+
+    def _rows_input(self, inputs: tuple, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Concatenated input rows [cell, drug] of rows with codes ``c``, ``d``."""
+        return torch.cat([inputs[0][c], inputs[1][d]], dim=1)
+
+    def _fit_guard(self, config: SVIConfig | None, config_kwargs: dict) -> None:
+        if config is None and config_kwargs.get("batch_size", 0) is None:
+            config_kwargs.pop("batch_size")
+
+
+class SparseGP(_GPBase):
+    r"""Sparse variational Gaussian process over cell and drug inputs, over drug effects.
+
+    Status: experimental.
+
+    The counterpart of the original toolkit's ``SparseGPRegression`` and
+    ``SparseGPCompositeKernelRegression``. Generative story for task :math:`t`, cell
+    :math:`c` and drug :math:`d` (responses standardised per task; :math:`x_c` the cell
+    features, :math:`v_d` the drug input, see ``drug_input``):
+
+    .. math::
+
+        m_t &= s_m z_m + \tau_m z^m_t, \qquad
+        b_{td} = \sigma_b z_d + \tau^b_t z_{td} \quad \text{(drug effects)} \\
+        \theta &\sim p(\theta) \quad \text{(kernel lengthscales and variances, see
+            :class:`~mtl4c_prob.models._kernels.CellDrugKernel`)} \\
+        v &\sim N(0, I), \qquad u = L_{uu} v, \quad L_{uu} L_{uu}^T = K_{uu} \\
+        f(x) \mid u &\sim N(K_{xu} K_{uu}^{-1} u, \;
+            k(x, x) - K_{xu} K_{uu}^{-1} K_{ux}) \\
+        \log \sigma_{td} &= \log \sigma_t + \rho \, \eta_{td} \\
+        y_{tcd} &\sim N(m_t + b_{td} + f(x_c, v_d), \sigma_{td}^2)
+
+    with every :math:`z`, :math:`\eta` standard normal and half-normal priors on
+    :math:`\sigma_b, \tau, \sigma_t, \rho` (scales ``bias_scale``, ``task_scale``,
+    ``noise_scale``, ``noise_spread``). The drug effects carry the large part of the
+    variance that drug identity explains (on GDSC, drug means alone explain most of it);
+    the GP models what they do not.
+
+    Inducing values :math:`u`, sampled whitened as site ``u`` (:math:`v`), so that the
+    guide's Gaussian over ``u`` is :math:`q(u)`:
+
+    * ``composite="product"``: a grid of inducing inputs, :math:`M_c` cell-side inputs
+      :math:`Z_c` times :math:`M_d` drug-side inputs :math:`Z_d`, with
+      :math:`K_{uu} = K_c(Z_c) \otimes K_d(Z_d)`. The drug side is exact (every training
+      drug's input) when there are at most ``n_inducing_drugs`` training drugs, so each
+      drug's own response function is represented. With :math:`a_c = L_c^{-1} k_c(Z_c,
+      x_c)` and :math:`b_d = L_d^{-1} k_d(Z_d, v_d)`, :math:`E[f \mid u] = a_c^T V b_d`
+      and :math:`\mathrm{Var}[f \mid u] = k_c k_d - |a_c|^2 |b_d|^2`.
+    * ``composite="sum"``: :math:`f = g(x_c) + h(v_d)`, inducing values for each side.
+    * ``composite="none"``: ``n_inducing`` inducing inputs in the joint input space.
+
+    Latent with priors (site names): ``z`` and ``scales`` (packed offsets, drug effects
+    and noise; :meth:`unpack_sites` names the blocks), ``u``, and the kernel
+    hyperparameters (``cell.lengthscale``, ``cell.variance``, ...). Point estimates:
+    the inducing inputs (parameters ``inducing.cell``, ``inducing.drug`` or
+    ``inducing.joint``), initialised at the inputs of a seeded random subset of the
+    training cells, drugs or (cell, drug) pairs and optimised by SVI with the guide; an
+    exact drug side is kept fixed at the training drugs' inputs.
+
+    Objective: the ELBO of the sparse variational GP (Hensman et al., 2013), whose data
+    term per measured row is :math:`E_{q(u)} E_{p(f \mid u)} \log N(y \mid m_t + b_{td} +
+    f, \sigma_{td}^2)` (the inner expectation in closed form). It is written as the
+    predictive-form likelihood site ``obs``, :math:`N(\mu, \mathrm{Var}[f|u] +
+    \sigma^2)`, plus a correction factor ``expected_loglik``, so that ``obs`` is the
+    predictive density of a row given :math:`u` (used for held-out NLL) while the noise
+    stays identified. Censored rows enter through the normal CDF of that predictive (the
+    form of Jankowiak et al., 2020), without the correction. The model records the
+    predictive moments as ``loc`` and ``scale``, so prediction for any rows, unseen cells
+    included, is the conditional of :math:`f` at their inputs given :math:`u`, mixed over
+    the guide's draws.
+
+    Drug input ``v_d`` (``drug_input``): drug features (numeric descriptors or Morgan
+    fingerprints), a one-hot drug identity, or both. The identity block
+    (:func:`~mtl4c_prob.models._kernels.identity_inputs`) has one column per training drug
+    and one shared by all others; its kernel is a constant correlation between distinct
+    drugs plus a drug-specific part. "auto" (default) takes both when the data carry drug
+    features and the identity alone otherwise, so the model runs on cell features only
+    (it then predicts only the drugs it was fitted on). A drug without training rows (but
+    with features) gets a drug effect drawn from its prior (zero mean, the average drug;
+    spread :math:`\sigma_b` added to its intervals), its noise deviation from its prior,
+    and the GP's prediction from its features.
+
+    Multitask: ``multitask=False`` fits one copy per task. With ``multitask=True`` and
+    several tasks, each task has its own offset, noise and drug-effect deviations, and
+    one GP (one kernel, one ``u``) is shared by all tasks: this single-task GP does not
+    model task correlation (the ICM and LMC multitask GPs do).
+
+    Parameters
+    ----------
+    kernel : {"rbf", "matern12", "matern32", "matern52"}, default="rbf"
+        Kernel family.
+    composite : {"none", "product", "sum"}, default="product"
+        One kernel on the concatenated row, or cell kernel times / plus drug kernel.
+    ard : bool, default=False
+        One lengthscale per cell and drug-feature column.
+    n_inducing : int, default=128
+        Cell-side inducing inputs :math:`M_c` (product, sum; at most the training
+        cells), or joint inducing inputs (none; at most the distinct training pairs).
+    n_inducing_drugs : int, default=512
+        Largest drug side kept exact; with more training drugs, this many drug-side
+        inducing inputs are drawn and learned (product, sum).
+    drug_input : {"auto", "features", "identity", "both"}, default="auto"
+        Drug side of the input (see above).
+    multitask : bool, default=True
+        One model over all tasks (shared GP, own offsets); False fits one per task.
+    lengthscale_prior_loc, lengthscale_prior_scale, variance_prior_loc, variance_prior_scale
+        Kernel priors, see :class:`~mtl4c_prob.models._kernels.CellDrugKernel`
+        (defaults 1.0, 1.0, 0.5, 1.0).
+    bias_scale : float, default=1.0
+        Scale of the half-normal prior on the drug-effect sd :math:`\sigma_b`.
+    offset_scale : float, default=1.0
+        Prior scale :math:`s_m` of the offset and of the spread of task offsets.
+    task_scale : float, default=0.3
+        Scale of the half-normal priors on the task deviations' sds :math:`\tau^b_t`.
+    noise : {"task", "drug"}, default="drug"
+        One noise sd per task, or per task and drug (log-normal around the task's).
+    noise_scale : float, default=1.0
+        Scale of the half-normal prior on the task noise sds.
+    noise_spread : float, default=0.5
+        Scale of the half-normal prior on :math:`\rho`.
+    jitter : float, default=1e-4
+        Diagonal jitter of the inducing covariances, relative to their mean diagonal.
+
+    Notes
+    -----
+    Cost per step: with a separable composite the kernel is evaluated on entity tables
+    only, O(M_c^3 + M_d^3 + M_c^2 I + M_d^2 J + M_c M_d J) for I cells and J drugs,
+    plus O(M_c B) for a minibatch of B rows (or one (I, J) product and a gather when the
+    rows fill the cell x drug grid); "none" costs O(M^3 + M^2 B + M B D). Default fit:
+    2000 steps in minibatches of 4096 rows (``fit_defaults``).
+
+    References
+    ----------
+    Hensman, Fusi & Lawrence (2013), Gaussian processes for big data. Jankowiak, Pleiss
+    & Gardner (2020), Parametric Gaussian process regressors.
+    """
+
+    name = "sgp"
+    fit_defaults = {"steps": 2000, "lr": 0.02, "batch_size": 4096, "init_scale": 0.05}
+
+    def __init__(
+        self,
+        *,
+        kernel: str = "rbf",
+        composite: str = "product",
+        ard: bool = False,
+        n_inducing: int = 128,
+        n_inducing_drugs: int = 512,
+        drug_input: str = "auto",
+        multitask: bool = True,
+        lengthscale_prior_loc: float = 1.0,
+        lengthscale_prior_scale: float = 1.0,
+        variance_prior_loc: float = 0.5,
+        variance_prior_scale: float = 1.0,
+        bias_scale: float = 1.0,
+        offset_scale: float = 1.0,
+        task_scale: float = 0.3,
+        noise: str = "drug",
+        noise_scale: float = 1.0,
+        noise_spread: float = 0.5,
+        jitter: float = 1e-4,
+    ) -> None:
+        super().__init__(multitask=multitask)
+        for arg, value in (("n_inducing", n_inducing), ("n_inducing_drugs", n_inducing_drugs)):
+            if int(value) < 1:
+                raise ValueError(f"{arg} must be at least 1, got {value}")
+        self.n_inducing = int(n_inducing)
+        self.n_inducing_drugs = int(n_inducing_drugs)
+        self._init_common(
+            kernel=kernel,
+            composite=composite,
+            ard=ard,
+            drug_input=drug_input,
+            lengthscale_prior_loc=lengthscale_prior_loc,
+            lengthscale_prior_scale=lengthscale_prior_scale,
+            variance_prior_loc=variance_prior_loc,
+            variance_prior_scale=variance_prior_scale,
+            bias_scale=bias_scale,
+            offset_scale=offset_scale,
+            task_scale=task_scale,
+            noise=noise,
+            noise_scale=noise_scale,
+            noise_spread=noise_spread,
+            jitter=jitter,
+        )
+
+    def fit(
+        self,
+        train: DrugResponseData,
+        val: DrugResponseData | None = None,
+        config: SVIConfig | None = None,
+        **config_kwargs: Any,
+    ) -> SparseGP:
+        """Fit by SVI, in minibatches of ``fit_defaults["batch_size"]`` rows by default.
+
+        As :meth:`ProbabilisticModel.fit`, except that ``batch_size=None`` without a
+        ``config`` keeps the model's default minibatch (the command line passes None when
+        ``--batch-size`` is not given). Data sets under 4096 rows are fitted full batch.
+
+        Returns
+        -------
+        self
+        """
+        self._fit_guard(config, config_kwargs)
+        return super().fit(train, val, config, **config_kwargs)
+
+    # ------------------------------------------------------------ state
+    def _setup(self, train: DrugResponseData, device: torch.device) -> None:
+        """Kernel with data-scaled priors; inducing inputs from seeded subsets."""
+        self.device_ = device
+        rows = self._train_rows(train, device)
+        cell_in, drug_in = self._inputs(rows["data"])
+        gen = torch.Generator().manual_seed(getattr(self, "_fit_seed", 0))
+
+        def subset(codes: torch.Tensor, n: int) -> torch.Tensor:
+            return codes[torch.randperm(len(codes), generator=gen)[:n].to(device)]
+
+        sample = subset(torch.arange(train.n_obs, device=device), 2000)
+        rows_in = self._rows_input((cell_in, drug_in), rows["cell"][sample], rows["drug"][sample])
+        self._build_kernel(reference_distances(rows_in, *self._dims()))
+        if self.composite == "none":
+            pairs = subset(
+                torch.unique(rows["cell"] * self.n_drugs_ + rows["drug"]), self.n_inducing
+            )
+            Z = self._rows_input((cell_in, drug_in), pairs // self.n_drugs_, pairs % self.n_drugs_)
+            self.inducing_ = _Inducing({"joint": Z}, {"joint": True})
+        else:
+            cells = torch.unique(rows["cell"])
+            drugs = torch.unique(rows["drug"])
+            exact = len(drugs) <= self.n_inducing_drugs
+            Zc = cell_in[subset(cells, self.n_inducing)]
+            Zd = drug_in[drugs if exact else subset(drugs, self.n_inducing_drugs)]
+            self.inducing_ = _Inducing({"cell": Zc, "drug": Zd}, {"cell": True, "drug": not exact})
+        self._layout_cache = None
+        logger.info(
+            "SGP: inducing inputs %s, kernel %s, composite %s (input widths: cell %d, drug "
+            "features %d, identity %d)",
+            {k: tuple(v.shape) for k, v in self.inducing_().items()},
+            self.kernel,
+            self.composite,
+            *self._dims(),
+        )
+
+    def _get_fitted_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        tensors = {f"inducing_{k}": v.detach() for k, v in self.inducing_().items()}
+        return {"reference": self.reference_, "learned": self.inducing_.learned()}, tensors
+
+    def _set_fitted_state(self, state, tensors, device) -> None:
+        self.device_ = device
+        self._layout_cache = None
+        self._build_kernel(state["reference"])
+        blocks = {k: tensors[f"inducing_{k}"].to(device) for k in state["learned"]}
+        self.inducing_ = _Inducing(blocks, state["learned"])
+
+    # ------------------------------------------------------------ model
+    def model(self, data: TensorData, subsample_size: int | None = None) -> None:
+        """Pyro program of the generative story above (kernel sites sampled once, first)."""
+        self.kernel_.scope(self._program, data, subsample_size)
+
+    def _program(self, data: TensorData, subsample_size: int | None) -> None:
+        dev = data.device
+        z, sc, offset, log_noise = self._effects(data)
+        seen_d = self.seen_mask("drug", data.n_drugs, dev)
+        drug_bias = (sc["drug_bias_sd"] * _fresh(z["drug_z"], seen_d))[None]  # (1, J)
+        if "drug_task_z" in z:
+            tau = sc["drug_bias_task_sd"][:, None]
+            drug_bias = drug_bias + tau * _fresh(z["drug_task_z"], seen_d, 1)  # (T, J)
+
+        # Whitened inducing values; entity-level terms of f | u.
+        Z = self.inducing_()
+        shape = _u_shape(self.composite, Z)
+        v = pyro.sample("u", dist.Normal(torch.zeros(shape, device=dev), 1.0).to_event(len(shape)))
+        inputs = self._inputs(data)
+        terms = self._entity_terms(Z, v, inputs) if self.composite != "none" else None
+
+        with pyro.plate(
+            "observations", data.n_obs, subsample_size=subsample_size, device=dev
+        ) as idx:
+            t, c, d, y, censor = _rows(data, idx, subsample_size)
+            if terms is None:
+                f_loc, f_var = self._joint_conditional(Z["joint"], v, inputs, c, d)
+            else:
+                f_loc, f_var = self._separable_conditional(terms, c, d)
+            tb = t if drug_bias.shape[0] > 1 else torch.zeros_like(t)
+            loc = offset[t] + drug_bias[tb, d] + f_loc
+            di = d if log_noise.shape[1] > 1 else torch.zeros_like(d)
+            noise_var = torch.exp(2 * log_noise[t, di])
+            scale = (f_var + noise_var).sqrt()
+            pyro.deterministic("loc", loc)
+            pyro.deterministic("scale", scale)
+            pyro.sample("obs", gaussian_likelihood(loc, scale, censor), obs=y)
+            if y is not None:
+                # obs + this term = E_{p(f|u)} log N(y | f, noise_var) on measured rows.
+                correction = _expected_loglik(y, loc, f_var, noise_var)
+                correction = correction - dist.Normal(loc, scale).log_prob(y)
+                if censor is not None:
+                    correction = correction * (censor == 0)
+                pyro.factor("expected_loglik", correction)
+
+    def _whiten(self, kernel, Zb: torch.Tensor, X: torch.Tensor) -> tuple:
+        """Return :math:`A = L^{-1} k(Z, X)` (M, n) and the prior variance k(x, x)."""
+        L = self._cholesky(kernel(Zb))
+        A = torch.linalg.solve_triangular(L, kernel(Zb, X), upper=False)
+        return A, kernel(X[:1], diag=True)
+
+    def _entity_terms(self, Z: dict, v: torch.Tensor, inputs: tuple) -> dict:
+        r"""Per-cell and per-drug pieces of :math:`f \mid u` (separable composites).
+
+        ``a`` (M_c, n_cells), ``b`` (M_d, n_drugs), their squared column norms ``qa``,
+        ``qb``, prior variances ``ka``, ``kb``; for a product ``W = V b`` (M_c, n_drugs),
+        for a sum the per-entity means ``ga`` (n_cells,), ``gb`` (n_drugs,).
+        """
+        a, ka = self._whiten(self.kernel_.cell, Z["cell"], inputs[0])
+        b, kb = self._whiten(self.kernel_.drug, Z["drug"], inputs[1])
+        terms = {"a": a, "qa": (a * a).sum(0), "ka": ka, "qb": (b * b).sum(0), "kb": kb}
+        if self.composite == "product":
+            terms["W"] = v @ b
+        else:
+            terms["ga"], terms["gb"] = v[: a.shape[0]] @ a, v[a.shape[0] :] @ b
+        return terms
+
+    def _separable_conditional(self, terms: dict, c: torch.Tensor, d: torch.Tensor) -> tuple:
+        """Mean and variance of f | u at rows (c, d) from the entity-level terms."""
+        if self.composite == "sum":
+            loc = terms["ga"][c] + terms["gb"][d]
+            var = terms["ka"] - terms["qa"][c] + terms["kb"] - terms["qb"][d]
+            return loc, var.clamp_min(1e-6 * float((terms["ka"] + terms["kb"]).detach()))
+        a, W = terms["a"], terms["W"]
+        if a.shape[1] * W.shape[1] <= 3 * len(c):
+            # Rows fill the cell x drug grid: one (I, J) product and a gather.
+            loc = (a.T @ W).reshape(-1)[c * W.shape[1] + d]
+        else:
+            loc = (a[:, c] * W[:, d]).sum(0)
+        prior = terms["ka"] * terms["kb"]
+        var = prior - terms["qa"][c] * terms["qb"][d]
+        return loc, var.clamp_min(1e-6 * float(prior.detach()))
+
+    def _joint_conditional(self, Z, v, inputs, c, d) -> tuple:
+        r"""Mean and variance of :math:`f \mid u` for joint inducing inputs, in row chunks.
+
+        With :math:`A = L_{uu}^{-1} K_{uf}` (M, B): mean :math:`A^T v`, variance
+        :math:`k(x, x) - \mathrm{colsum}(A^2)`. :math:`L_{uu}^{-1}` is formed once, so
+        the rows need a matrix product rather than a triangular solve.
+        """
+        Luu = self._cholesky(self.kernel_(Z))
+        eye = torch.eye(Z.shape[0], device=Z.device, dtype=Luu.dtype)
+        Luu_inv = torch.linalg.solve_triangular(Luu, eye, upper=False)
+        kff = self.kernel_(Z[:1], diag=True)
+        floor = 1e-6 * float(kff.detach())
+        locs, variances = [], []
+        for start in range(0, len(c), CHUNK):
+            rows = self._rows_input(inputs, c[start : start + CHUNK], d[start : start + CHUNK])
+            A = Luu_inv @ self.kernel_(Z, rows)  # (M, B)
+            locs.append(v @ A)
+            variances.append((kff - (A * A).sum(0)).clamp_min(floor))
+        return torch.cat(locs), torch.cat(variances)
+
+
+def _u_shape(composite: str, Z: dict) -> tuple[int, ...]:
+    """Shape of the whitened inducing values: (M,), (M_c, M_d) or (M_c + M_d,)."""
+    if composite == "none":
+        return (Z["joint"].shape[0],)
+    if composite == "product":
+        return (Z["cell"].shape[0], Z["drug"].shape[0])
+    return (Z["cell"].shape[0] + Z["drug"].shape[0],)
+
+
+def _expected_loglik(y, loc, f_var, noise_var) -> torch.Tensor:
+    r"""Return :math:`E_{f \sim N(loc, f_{var})} \log N(y \mid f, \sigma^2)` in closed form."""
+    return -0.5 * (
+        math.log(2 * math.pi) + torch.log(noise_var) + ((y - loc) ** 2 + f_var) / noise_var
+    )

@@ -1,0 +1,361 @@
+"""Exact Gaussian-process regression over cell and drug inputs, for small problems."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from mtl4c_prob.data import DrugResponseData, TensorData
+from mtl4c_prob.exceptions import DataError
+from mtl4c_prob.inference import SVIConfig, resolve_device
+from mtl4c_prob.models._gp import CHUNK, _GPBase
+from mtl4c_prob.models._kernels import reference_distances
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExactGP"]
+
+
+class ExactGP(_GPBase):
+    r"""Exact Gaussian-process regression over cell and drug inputs, for small problems.
+
+    Status: experimental.
+
+    The counterpart of the original toolkit's ``ExactGPRegression`` and
+    ``ExactGPCompositeKernelRegression``. The generative story is that of
+    :class:`SparseGP` without the inducing approximation, with the drug effects
+    :math:`b_{td}` (a Gaussian random effect) and :math:`f` integrated out: the training
+    responses of each fit are jointly
+
+    .. math::
+
+        y \sim N\big(m_t,\; K + B + \mathrm{diag}(\sigma_{td}^2)\big), \qquad
+        B_{nn'} = [d_n = d_{n'}] \, (\sigma_b^2 + [t_n = t_{n'}] \, \tau_{t_n}^2),
+
+    with :math:`K` the kernel of the rows' inputs. This marginal likelihood (the
+    MultivariateNormal over the training rows) is written per row by the chain rule,
+    :math:`y_n \mid y_{<n} \sim N(y_n - L_{nn} \zeta_n, L_{nn}^2)` with :math:`L` the
+    Cholesky factor of the covariance and :math:`\zeta = L^{-1} (y - m)`, so its terms
+    sum exactly to the MultivariateNormal log density while the likelihood site ``obs``
+    stays in the ``observations`` plate. The hyperparameters (kernel lengthscales and
+    variances, :math:`\sigma_b`, :math:`\tau`, offsets, noise) have the priors of
+    :class:`SparseGP` and are fitted by SVI: by default as MAP point estimates
+    (``guide="delta"`` in ``fit_defaults``; ``guide="normal"`` gives an AutoNormal
+    posterior over them, at one Cholesky per predictive draw).
+
+    Prediction conditions on the stored training rows: for new rows, the model records
+    the GP posterior predictive :math:`\mu_* = m_t + K_{*f} \Sigma^{-1} (y - m)` and
+    :math:`\sigma_*^2 = k_{**} + \sigma_b^2 (+\tau_t^2) - K_{*f} \Sigma^{-1} K_{f*} +
+    \sigma_{td}^2` as ``loc`` and ``scale``, for any cells with features (unseen cells
+    included) and, with drug features, unseen drugs (their drug effect then comes from
+    its prior, adding :math:`\sigma_b^2`). The training rows (codes and standardised
+    responses) are saved with the model.
+
+    Parameters
+    ----------
+    kernel, composite, ard, drug_input, multitask
+        As for :class:`SparseGP`.
+    max_obs : int, default=10000
+        Largest number of rows a fit may hold (its covariance is n x n); a larger fit, or
+        one whose covariance would not fit in the available memory, stops before
+        allocating with a :class:`~mtl4c_prob.exceptions.DataError` that points at
+        ``sgp``.
+    lengthscale_prior_loc, lengthscale_prior_scale, variance_prior_loc, variance_prior_scale
+        Kernel priors (defaults 1.0, 1.0, 0.5, 1.0).
+    bias_scale, offset_scale, task_scale, noise, noise_scale, noise_spread
+        As for :class:`SparseGP`.
+    jitter : float, default=1e-4
+        Diagonal jitter of the covariance, relative to its mean diagonal.
+
+    Notes
+    -----
+    A training step costs O(n^3) time and O(n^2) memory (n training rows of the fit);
+    prediction costs O(n^2) per row. With a point-estimate guide every predictive draw
+    has the same hyperparameters, so the factorisation and the moments of the last rows
+    predicted are reused across draws (compared by value, so nothing stale is reused).
+    Censored rows are not supported (the marginal likelihood would no longer be
+    Gaussian); use :class:`SparseGP`. Fits run full batch only.
+    """
+
+    name = "gp"
+    fit_defaults = {"steps": 300, "lr": 0.05, "guide": "delta"}
+    _latent_drug_effects = False
+
+    def __init__(
+        self,
+        *,
+        kernel: str = "rbf",
+        composite: str = "product",
+        ard: bool = False,
+        drug_input: str = "auto",
+        multitask: bool = True,
+        max_obs: int = 10_000,
+        lengthscale_prior_loc: float = 1.0,
+        lengthscale_prior_scale: float = 1.0,
+        variance_prior_loc: float = 0.5,
+        variance_prior_scale: float = 1.0,
+        bias_scale: float = 1.0,
+        offset_scale: float = 1.0,
+        task_scale: float = 0.3,
+        noise: str = "drug",
+        noise_scale: float = 1.0,
+        noise_spread: float = 0.5,
+        jitter: float = 1e-4,
+    ) -> None:
+        super().__init__(multitask=multitask)
+        if int(max_obs) < 2:
+            raise ValueError(f"max_obs must be at least 2, got {max_obs}")
+        self.max_obs = int(max_obs)
+        self._init_common(
+            kernel=kernel,
+            composite=composite,
+            ard=ard,
+            drug_input=drug_input,
+            lengthscale_prior_loc=lengthscale_prior_loc,
+            lengthscale_prior_scale=lengthscale_prior_scale,
+            variance_prior_loc=variance_prior_loc,
+            variance_prior_scale=variance_prior_scale,
+            bias_scale=bias_scale,
+            offset_scale=offset_scale,
+            task_scale=task_scale,
+            noise=noise,
+            noise_scale=noise_scale,
+            noise_spread=noise_spread,
+            jitter=jitter,
+        )
+
+    def fit(
+        self,
+        train: DrugResponseData,
+        val: DrugResponseData | None = None,
+        config: SVIConfig | None = None,
+        **config_kwargs: Any,
+    ) -> ExactGP:
+        """Fit the hyperparameters by SVI on the exact marginal likelihood (full batch).
+
+        As :meth:`ProbabilisticModel.fit`, after checking that the n x n covariance of
+        each fit (all rows, or each task's with ``multitask=False``) fits.
+
+        Returns
+        -------
+        self
+
+        Raises
+        ------
+        DataError
+            When a fit has more than ``max_obs`` rows or its covariance would exceed the
+            available memory; raised before anything is allocated.
+        ValueError
+            For minibatches (``batch_size`` below the rows of a fit) or censored rows.
+        """
+        if isinstance(train, DrugResponseData):
+            self._check_size(train, config, config_kwargs)
+        self._fit_guard(config, config_kwargs)
+        return super().fit(train, val, config, **config_kwargs)
+
+    def _check_size(self, train, config, config_kwargs) -> None:
+        counts = train.frame["task"].value_counts()
+        n = int(train.n_obs if self.multitask or len(counts) == 1 else counts.max())
+        need = 8 * 4 * n * n  # about eight float32 n x n buffers (K, L, gathers, gradients)
+        device = config_kwargs.get("device", config.device if config else "auto")
+        free = _free_memory(resolve_device(device))
+        if n > self.max_obs or (free is not None and need > free):
+            why = (
+                f"more than max_obs={self.max_obs}"
+                if n > self.max_obs
+                else f"about {need / 2**30:.1f} GiB for its covariance, more than the "
+                f"{free / 2**30:.1f} GiB available"
+            )
+            raise DataError(
+                f"exact GP fit of {n} rows needs {why}; use the sparse GP (model 'sgp', "
+                "--model sgp) for data of this size, or fit fewer rows"
+            )
+        batch = config_kwargs.get("batch_size", config.batch_size if config else None)
+        if batch is not None and batch < n:
+            raise ValueError(
+                f"ExactGP fits full batch (its likelihood couples all rows); got batch_size="
+                f"{batch} for {n} rows: drop batch_size or use 'sgp' for minibatches"
+            )
+        if "censor" in train.frame.columns and (train.frame["censor"] != 0).any():
+            raise ValueError(
+                "ExactGP does not support censored responses (the marginal likelihood is no "
+                "longer Gaussian); use 'sgp', which handles them through the normal CDF"
+            )
+
+    # ------------------------------------------------------------ state
+    def _setup(self, train: DrugResponseData, device: torch.device) -> None:
+        """Kernel with data-scaled priors; the training rows the predictions condition on."""
+        self.device_ = device
+        rows = self._train_rows(train, device)
+        self.train_rows_ = {k: rows[k] for k in ("task", "cell", "drug")}
+        self.train_rows_["y"] = rows["data"].y
+        inputs = self._inputs(rows["data"])
+        self._build_kernel(
+            reference_distances(self._rows_input(inputs, rows["cell"], rows["drug"]), *self._dims())
+        )
+        self._cache = None
+        self._layout_cache = None
+
+    def _get_fitted_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        tensors = {f"train_{k}": v for k, v in self.train_rows_.items()}
+        return {"reference": self.reference_}, tensors
+
+    def _set_fitted_state(self, state, tensors, device) -> None:
+        self.device_ = device
+        self._layout_cache = None
+        self._cache = None
+        self.train_rows_ = {
+            k: tensors[f"train_{k}"].to(device) for k in ("task", "cell", "drug", "y")
+        }
+        self._build_kernel(state["reference"])
+
+    # ------------------------------------------------------------ model
+    def model(self, data: TensorData, subsample_size: int | None = None) -> None:
+        """Pyro program: marginal likelihood on the training rows, predictive on others."""
+        self.kernel_.scope(self._program, data, subsample_size)
+
+    def _is_training(self, data: TensorData) -> bool:
+        tr = self.train_rows_
+        return (
+            data.y is not None
+            and data.n_obs == len(tr["y"])
+            and all(torch.equal(getattr(data, k), tr[k]) for k in ("task", "cell", "drug", "y"))
+        )
+
+    def _program(self, data: TensorData, subsample_size: int | None) -> None:
+        if subsample_size is not None and subsample_size < data.n_obs:
+            raise ValueError("ExactGP fits full batch; drop batch_size or use 'sgp'")
+        z, sc, offset, log_noise = self._effects(data)
+        inputs = self._inputs(data)
+        grams = None
+        if self.kernel_.separable:
+            grams = self.kernel_.blocks(inputs[0], inputs[1])  # (I, I), (J, J)
+        moments = (sc, offset, log_noise, inputs, grams)
+        if self._is_training(data):
+            loc, scale = self._marginal(data, moments)
+        else:
+            loc, scale = self._predictive(data, z, moments)
+        with pyro.plate("observations", data.n_obs, device=data.device):
+            pyro.deterministic("loc", loc)
+            pyro.deterministic("scale", scale)
+            pyro.sample("obs", dist.Normal(loc, scale), obs=data.y)
+
+    def _gram(self, moments, a: tuple, b: tuple) -> torch.Tensor:
+        """Covariance of f + drug effects between row sets ``a`` and ``b`` (task, cell, drug).
+
+        Separable composites gather from the entity blocks (kernel evaluations on the
+        cells and drugs only); "none" evaluates the kernel on the rows' inputs.
+        """
+        sc, inputs, grams = moments[0], moments[3], moments[4]
+        (ta, ca, da), (tb, cb, db) = a, b
+        if grams is not None:
+            K = self.kernel_.combine(grams[0][ca][:, cb], grams[1][da][:, db])
+        else:
+            K = self.kernel_(self._rows_input(inputs, ca, da), self._rows_input(inputs, cb, db))
+        same_drug = (da[:, None] == db[None, :]).to(K.dtype)
+        drug_var = sc["drug_bias_sd"] ** 2
+        if "drug_bias_task_sd" in sc:
+            task_var = sc["drug_bias_task_sd"][ta] ** 2
+            drug_var = drug_var + (ta[:, None] == tb[None, :]).to(K.dtype) * task_var[:, None]
+        return K + drug_var * same_drug
+
+    def _noise_var(self, log_noise, t, d) -> torch.Tensor:
+        di = d if log_noise.shape[1] > 1 else torch.zeros_like(d)
+        return torch.exp(2 * log_noise[t, di])
+
+    def _marginal(self, data: TensorData, moments) -> tuple:
+        """Chain-rule moments of the training rows: y_n | y_<n ~ N(loc_n, scale_n^2)."""
+        _, offset, log_noise, _, _ = moments
+        t, c, d = data.task, data.cell, data.drug
+        K = self._gram(moments, (t, c, d), (t, c, d))
+        L = self._cholesky(K + torch.diag(self._noise_var(log_noise, t, d)))
+        return _chain_rule(L, data.y, offset[t])
+
+    def _factor(self, z, moments) -> tuple:
+        """Cholesky factor of the training covariance and its solve with the residuals."""
+        sc, offset, log_noise, _, _ = moments
+        key = [*z.values(), *sc.values(), *self.kernel_.hyperparameters().values()]
+        if self._cache is not None and _same(self._cache["key"], key):
+            return self._cache["L"], self._cache["alpha"]
+        tr = self.train_rows_
+        rows = (tr["task"], tr["cell"], tr["drug"])
+        K = self._gram(moments, rows, rows)
+        L = self._cholesky(K + torch.diag(self._noise_var(log_noise, tr["task"], tr["drug"])))
+        resid = (tr["y"] - offset[tr["task"]])[:, None]
+        alpha = torch.cholesky_solve(resid, L)[:, 0]
+        if not torch.is_grad_enabled():
+            self._cache = {"key": [k.detach() for k in key], "L": L, "alpha": alpha}
+        return L, alpha
+
+    def _predictive(self, data: TensorData, z, moments) -> tuple:
+        """GP posterior predictive moments of the rows of ``data``, in chunks of rows."""
+        log_noise = moments[2]
+        L, alpha = self._factor(z, moments)
+        rows = [data.task, data.cell, data.drug, *moments[3]]
+        cached = self._cache.get("rows") if self._cache is not None else None
+        if cached is not None and _same(cached[0], rows):
+            f_loc, f_var = cached[1]
+        else:
+            f_loc, f_var = self._f_moments(data, moments, L, alpha)
+            if self._cache is not None and not torch.is_grad_enabled():
+                self._cache["rows"] = ([r.clone() for r in rows], (f_loc, f_var))
+        return f_loc, (f_var + self._noise_var(log_noise, data.task, data.drug)).sqrt()
+
+    def _f_moments(self, data: TensorData, moments, L, alpha) -> tuple:
+        """Mean and variance of offset + drug effect + f at the rows of ``data``."""
+        sc, offset, _, inputs, _ = moments
+        tr = self.train_rows_
+        train = (tr["task"], tr["cell"], tr["drug"])
+        prior_var = self.kernel_(self._rows_input(inputs, data.cell[:1], data.drug[:1]), diag=True)
+        floor = 1e-6 * float(prior_var.detach()[0])
+        locs, variances = [], []
+        for start in range(0, data.n_obs, CHUNK // 4):
+            sl = slice(start, start + CHUNK // 4)
+            t, c, d = data.task[sl], data.cell[sl], data.drug[sl]
+            Ksf = self._gram(moments, (t, c, d), train)  # (B, n)
+            V = torch.linalg.solve_triangular(L, Ksf.T, upper=False)  # (n, B)
+            kss = prior_var + sc["drug_bias_sd"] ** 2
+            if "drug_bias_task_sd" in sc:
+                kss = kss + sc["drug_bias_task_sd"][t] ** 2
+            locs.append(offset[t] + Ksf @ alpha)
+            variances.append((kss - (V * V).sum(0)).clamp_min(floor))
+        return torch.cat(locs), torch.cat(variances)
+
+
+def _chain_rule(L: torch.Tensor, y: torch.Tensor, mean: torch.Tensor) -> tuple:
+    r"""Moments of :math:`y_n \mid y_{<n}` under :math:`N(\text{mean}, L L^T)`.
+
+    With :math:`\zeta = L^{-1} (y - \text{mean})`: loc :math:`y - \mathrm{diag}(L) \zeta`,
+    scale :math:`\mathrm{diag}(L)`; their Normal log densities sum to the
+    MultivariateNormal's.
+    """
+    zeta = torch.linalg.solve_triangular(L, (y - mean)[:, None], upper=False)[:, 0]
+    scale = L.diagonal()
+    return y - scale * zeta, scale
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and torch.equal(x, y.detach()) for x, y in zip(a, b, strict=True)
+    )
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes available on ``device`` (None when unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return None
