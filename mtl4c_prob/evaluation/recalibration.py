@@ -124,6 +124,10 @@ class Recalibrator:
     1.006) leaves 0.902 and 0.901. Per-drug factors from about 66 validation rows per drug
     are dominated by their own sampling noise and made per-drug coverage worse (drugs
     outside two binomial standard errors: 11% to 36%), so ``by="task"`` is the default.
+    Conversely, a MAP fit (``guide="delta"``) whose noise sds collapse for some cells and
+    drugs covers 0.67; a per-task factor of 54 restores 0.90 with absurd widths, while
+    per-drug factors reach coverage 0.92 and NLL 1.66 (the full posterior: 1.13). A factor
+    rescales spread; it cannot repair a posterior that is wrong differently per row.
 
     References
     ----------

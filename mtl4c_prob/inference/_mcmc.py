@@ -389,6 +389,19 @@ def fit_nuts(
     -----
     DiagnosticWarning
         When some R-hat exceeds 1.05 or there are divergent transitions.
+
+    Notes
+    -----
+    Cost: every leapfrog step evaluates the program and its gradient on all rows, and
+    Pyro's NUTS adds about a millisecond of Python per step, so small models cost 1-3 ms
+    per step on one CPU thread. The geometry sets the number of steps per draw. Measured
+    (JIT, one thread, shared 2-core machine): a conjugate normal-means model takes about
+    7 steps per draw; ``MeanEffects(noise="task")`` on 259 rows (44 latents) 27 steps at
+    2.3 ms; ``MeanEffects()`` with its default per-cell and per-drug log-noise deviations,
+    two tasks and 263 rows 185 steps (the deviations and their scales form funnels), and
+    ``BayesianMF(rank=2)`` on the same rows hits the depth limit (255 steps) with R-hat
+    up to 1.25 after 100 draws: factors are identified only up to rotation and sign, so
+    chains of a factorisation need not agree even when each samples well.
     """
     from mtl4c_prob.models import ProbabilisticModel
 
