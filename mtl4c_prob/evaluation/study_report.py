@@ -93,12 +93,13 @@ def _history(study: optuna.Study, objective: str) -> Figure | None:
     order = np.argsort(numbers)
     best = np.minimum.accumulate(values[order])
     ax.step(numbers[order], best, where="post", color=_BEST, lw=1.5, label="best so far")
-    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    pruned = [t.number for t in trials if t.state == TrialState.PRUNED]
     if pruned:
-        last = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
+        # Pruned trials have no final value (their intermediate values are on another
+        # scale): ticks along the bottom edge.
         ax.scatter(
-            [t.number for t in pruned], last, marker="x", s=18, color=_PRUNED,
-            label="pruned (last intermediate value)",
+            pruned, np.zeros(len(pruned)), marker="|", s=120, color=_PRUNED, label="pruned",
+            transform=ax.get_xaxis_transform(), clip_on=False,
         )  # fmt: skip
     default = [t.value for t in done if t.user_attrs.get("defaults")]
     if default:
