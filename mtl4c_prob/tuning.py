@@ -439,7 +439,9 @@ def tune(
     for ``rmse`` and ``crps`` it stands in for the final objective. Single-task fits
     (``multitask=False`` over several tasks) report nothing during SVI, so only fold
     pruning applies to them. Trials that fail numerically (a non-finite ELBO, a failed
-    Cholesky) are recorded as failed and the study goes on.
+    Cholesky) are recorded as failed and the study goes on. ``task_scale`` is not
+    searched on single-task data, nor ``feature_scale`` without feature tables (they
+    cannot change the fit), unless ``space`` names them.
     """
     _check_args(objective, n_trials, timeout, workers, folds, val_fraction, split_kind)
     if not isinstance(data, DrugResponseData):
@@ -449,6 +451,7 @@ def tune(
     params, fit = dict(params or {}), dict(fit or {})
     _check_fixed(cls, params, fit)
     model_space, fit_space = _spaces(cls, params, fit, space, tune_fit)
+    model_space = _relevant(model_space, data, explicit=set(space or {}))
     if not model_space and not fit_space:
         raise ValueError(f"nothing to tune: every searched setting of {name!r} is fixed")
     train, _ = split(data, split_kind, test_fraction, seed, holdout_task)
@@ -551,6 +554,23 @@ def _tune(spec, cls, n_trials, timeout, workers, progress_bar, out) -> TuningRes
     if out is not None:
         write_tuning_outputs(result, out)
     return result
+
+
+def _relevant(space: dict, data: DrugResponseData, explicit: set[str]) -> dict:
+    """Drop dimensions the data cannot inform (unless asked for explicitly).
+
+    ``task_scale`` (spread of the task deviations) does nothing on one task, and
+    ``feature_scale`` (feature loadings) nothing without feature tables.
+    """
+    idle = set()
+    if data.n_tasks == 1:
+        idle.add("task_scale")
+    if data.cell_features is None and data.drug_features is None:
+        idle.add("feature_scale")
+    dropped = sorted((idle & set(space)) - explicit)
+    if dropped:
+        logger.info("not searching %s: the data cannot inform them", dropped)
+    return {k: v for k, v in space.items() if k not in dropped}
 
 
 def _check_fixed(cls, params: dict, fit: dict) -> None:

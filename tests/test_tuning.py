@@ -98,6 +98,18 @@ def test_declared_space_with_unknown_argument_is_an_error():
         search_space(Bad)
 
 
+def test_dimensions_the_data_cannot_inform_are_not_searched(data):
+    from mtl4c_prob.tuning import _relevant
+
+    one = data.frame[data.frame["task"] == "task0"][["task", "cell", "drug", "y"]]
+    bare = DrugResponseData(one)
+    space = search_space("mf")
+    assert {"task_scale", "feature_scale"} <= set(_relevant(space, data, set()))
+    kept = _relevant(space, bare, set())
+    assert "task_scale" not in kept and "feature_scale" not in kept and "rank" in kept
+    assert "task_scale" in _relevant(space, bare, {"task_scale"})
+
+
 def test_dimension_tuples():
     assert as_distribution("a", ("float", 0.1, 10, "log")) == FloatDistribution(0.1, 10, log=True)
     assert as_distribution("b", ("int", 50, 500, 50)) == IntDistribution(50, 500, step=50)
