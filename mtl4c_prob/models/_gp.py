@@ -90,13 +90,13 @@ class _GPBase(ProbabilisticModel):
         return self.drug_input in ("auto", "identity", "both")
 
     def _prepare(self, train: DrugResponseData) -> None:
-        self._layout_cache = None
+        self._layout_cache, self._drug_inputs = None, {}
         self._auto_drug = train.drug_features is not None
         super()._prepare(train)
 
     def _restore(self, state, path, device) -> None:
         self._auto_drug = (path / "drug_features.parquet").is_file()
-        self._layout_cache = None
+        self._layout_cache, self._drug_inputs = None, {}
         super()._restore(state, path, device)
 
     def _fit_joint(self, train, val, config) -> None:
@@ -343,9 +343,10 @@ class SparseGP(_GPBase):
     n_inducing : int, default=128
         Cell-side inducing inputs :math:`M_c` (product, sum; at most the training
         cells), or joint inducing inputs (none; at most the distinct training pairs).
-    n_inducing_drugs : int, default=512
-        Largest drug side kept exact; with more training drugs, this many drug-side
-        inducing inputs are drawn and learned (product, sum).
+    n_inducing_drugs : int, default=1024
+        Largest drug side kept exact (GDSC1 + GDSC2 have 542 drugs, CTRP about 550);
+        with more training drugs, this many drug-side inducing inputs are drawn from them
+        and learned (product, sum).
     drug_input : {"auto", "features", "identity", "both"}, default="auto"
         Drug side of the input (see above).
     multitask : bool, default=True
@@ -392,7 +393,7 @@ class SparseGP(_GPBase):
         composite: str = "product",
         ard: bool = False,
         n_inducing: int = 128,
-        n_inducing_drugs: int = 512,
+        n_inducing_drugs: int = 1024,
         drug_input: str = "auto",
         multitask: bool = True,
         lengthscale_prior_loc: float = 1.0,

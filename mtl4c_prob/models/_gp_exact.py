@@ -75,9 +75,13 @@ class ExactGP(_GPBase):
     Notes
     -----
     A training step costs O(n^3) time and O(n^2) memory (n training rows of the fit);
-    prediction costs O(n^2) per row. With a point-estimate guide every predictive draw
-    has the same hyperparameters, so the factorisation and the moments of the last rows
-    predicted are reused across draws (compared by value, so nothing stale is reused).
+    prediction costs O(n^2) per row. Measured on one core of a shared 2-core machine
+    (float32): about 0.1 s per step for 450 rows and 1-3 s for 1,800 rows (the backward
+    pass through the Cholesky factor dominates), so the default 300 steps suit a few
+    thousand rows on a CPU; ``max_obs`` bounds memory, not time. With a point-estimate
+    guide every predictive draw has the same hyperparameters, so the factorisation and
+    the moments of the last rows predicted are reused across draws (compared by value,
+    so nothing stale is reused).
     Censored rows are not supported (the marginal likelihood would no longer be
     Gaussian); use :class:`SparseGP`. Fits run full batch only.
     """

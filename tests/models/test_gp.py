@@ -300,6 +300,39 @@ def test_sgp_minibatch(lpo):
     assert rmse(pred["y"], pred["mean"]) < 0.85 * _drug_mean_rmse(train, test)
 
 
+def test_sgp_drug_side_subset_when_many_drugs(lpo):
+    """More training drugs than n_inducing_drugs: a learned subset of drug-side inputs."""
+    train, test = lpo
+    model = SparseGP(n_inducing=16, n_inducing_drugs=8).fit(train, **{**SGP_FIT, "steps": 100})
+    Z = model.inducing_()
+    assert Z["cell"].shape == (16, 20) and Z["drug"].shape == (8, 10 + 21)
+    assert model.inducing_.learned() == {"cell": True, "drug": True}
+    pred = model.predict(test, num_samples=20)
+    assert rmse(pred["y"], pred["mean"]) < _drug_mean_rmse(train, test)
+
+
+def test_sgp_censored_rows():
+    """Right-censored rows ("at least y") lift the fitted mean above a fit that reads them
+    as measured values, and towards the values that were hidden."""
+    data, _ = make_latent_factor_data(n_cells=40, n_drugs=10, n_tasks=1, noise=0.3, seed=4)
+    frame = data.frame.drop(columns=["task_code", "cell_code", "drug_code"])
+    cap = frame["y"].quantile(0.8)
+    hidden = frame["y"].to_numpy().copy()
+    frame["censor"] = (frame["y"] > cap).astype(int)
+    frame["y"] = frame["y"].clip(upper=cap)
+    at_cap = frame["censor"].to_numpy() == 1
+    means = {}
+    for name, rows in (("censored", frame), ("as_measured", frame.drop(columns="censor"))):
+        fitted = DrugResponseData(rows, data.cell_features, data.drug_features)
+        model = SparseGP(n_inducing=32).fit(fitted, **{**SGP_FIT, "steps": 200})
+        pred = model.predict(fitted, num_samples=20)
+        assert np.isfinite(pred[["mean", "sd"]].to_numpy()).all()
+        means[name] = pred["mean"].to_numpy()[at_cap]
+    assert means["censored"].mean() > means["as_measured"].mean() + 0.1
+    gap = {k: np.abs(v - hidden[at_cap]).mean() for k, v in means.items()}
+    assert gap["censored"] < gap["as_measured"]
+
+
 def test_sgp_default_batch_survives_none(lpo):
     """The command line passes batch_size=None when --batch-size is not given."""
     train, _ = lpo
