@@ -72,6 +72,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_idata_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
+        "--recalibrate",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="hold out this fraction of the training rows, fit per-task sd factors on them "
+        "and write predictions_recalibrated.csv and recalibration.json (predictions.csv "
+        "stays as the model predicts)",
+    )
+    p.add_argument(
         "--idata-draws", type=int, default=200, help="posterior draws in idata.nc (ArviZ)"
     )
     p.add_argument(
@@ -268,6 +277,15 @@ def _fit_and_report(args, data: DrugResponseData, folder: Path, extra_info: dict
     elif cell_pca or drug_pca:
         raise DataError("--cell-pca/--drug-pca need --cell-features/--drug-features")
 
+    val = None
+    if args.recalibrate:
+        if not 0 < args.recalibrate < 1:
+            raise DataError(f"--recalibrate must be a fraction in (0, 1), got {args.recalibrate}")
+        # The validation rows mimic the test split (a new cell for LCO, ...); they are taken
+        # from the training rows, so the model never sees them.
+        kind = args.split if args.split in ("lpo", "lco", "ldo") else "lpo"
+        train, val = split(train, kind, args.recalibrate, args.seed + 1)
+
     model = get_model(args.model, **_model_params(args))
     start = time.perf_counter()
     model.fit(train, **_fit_config(args))
@@ -291,6 +309,8 @@ def _fit_and_report(args, data: DrugResponseData, folder: Path, extra_info: dict
         **extra_info,
     }
     metrics["info"] = info
+    if val is not None:
+        metrics["recalibration"] = _recalibrate(args, model, val, pred, folder)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     model.save(folder / "model")
     (folder / "data_summary.json").write_text(
@@ -314,6 +334,24 @@ def _fit_and_report(args, data: DrugResponseData, folder: Path, extra_info: dict
         seed=args.seed,
     )
     return metrics
+
+
+def _recalibrate(args, model, val, pred, folder: Path) -> dict:
+    """Per-task sd factors from the validation rows, applied to a separate predictions file."""
+    from mtl4c_prob.evaluation import Recalibrator, recalibration_report
+
+    val_pred = model.predict(val, level=args.level, num_samples=args.num_samples, seed=args.seed)
+    report = recalibration_report(val_pred, pred, args.level)
+    recal = Recalibrator(args.level).fit(val_pred)
+    columns = ["task", "cell", "drug", "y", "mean", "sd", "lower", "upper"]
+    recal.transform(pred)[columns].to_csv(folder / "predictions_recalibrated.csv", index=False)
+    out = {
+        "validation_rows": int(val.n_obs),
+        "factors": recal.to_dict(),
+        "before_after": json.loads(report.to_json(orient="index")),
+    }
+    (folder / "recalibration.json").write_text(json.dumps(out, indent=1, default=_json_default))
+    return out
 
 
 def _write_task_correlation(model, folder: Path) -> None:

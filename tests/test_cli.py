@@ -233,3 +233,24 @@ def test_models_lists_every_installed_model(capsys):
     assert main(["models"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert names == list(MODELS) and {"mean", "mf"} <= set(names)
+
+
+def test_recalibrate_writes_a_separate_file(tmp_path):
+    out = tmp_path / "recal"
+    code = main(["run", "--steps", "100", "--idata-draws", "20", "--recalibrate", "0.15",
+                 "--out", str(out), "-q"])  # fmt: skip
+    assert code == 0
+    raw = pd.read_csv(out / "predictions.csv")
+    recal = pd.read_csv(out / "predictions_recalibrated.csv")
+    metrics = json.loads((out / "metrics.json").read_text())
+    factors = metrics["recalibration"]["factors"]["factors"]
+    assert set(factors) == set(raw["task"].astype(str))
+    # Same means, sds scaled by each task's factor; the raw file is left as predicted.
+    np.testing.assert_allclose(recal["mean"], raw["mean"])
+    ratio = (recal["sd"] / raw["sd"]).groupby(raw["task"].astype(str)).mean()
+    for task, factor in factors.items():
+        assert abs(ratio[task] - factor) < 1e-6 * max(1.0, factor)
+    assert (out / "recalibration.json").is_file()
+    bad = tmp_path / "bad"
+    assert main(["run", "--recalibrate", "1.5", "--out", str(bad), "-q"]) == 2
+    assert not bad.exists()
