@@ -55,6 +55,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mf", help="model name (see `mtl4c-prob models`)")
     p.add_argument("--rank", type=int, default=None, help="latent factors of factorisation models")
     p.add_argument("--single-task", action="store_true", help="fit one model per task")
+    gp = p.add_argument_group("Gaussian processes (gp, sgp, icm, lmc, gp-full)")
+    gp.add_argument("--kernel", default=None, choices=["rbf", "matern12", "matern32", "matern52"])
+    gp.add_argument(
+        "--composite",
+        default=None,
+        choices=["none", "product", "sum"],
+        help="one kernel on [cell, drug] inputs (none), or a cell kernel times/plus a drug kernel",
+    )
+    gp.add_argument("--ard", action="store_true", help="one lengthscale per input column")
+    gp.add_argument("--inducing", type=int, default=None, help="inducing points")
+    gp.add_argument("--latents", type=int, default=None, help="latent GPs (lmc, gp-full)")
+    gp.add_argument("--task-rank", type=int, default=None, help="rank of the ICM task covariance")
+    gp.add_argument("--max-obs", type=int, default=None, help="exact GP: largest training set")
     p.add_argument("--steps", type=int, default=None, help="SVI steps")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate")
     p.add_argument("--guide", default="normal", choices=["normal", "lowrank", "delta"])
@@ -224,6 +237,19 @@ def _replaceable(out: Path) -> bool:
     return not names or bool(names & set(OUTPUT_MARKERS))
 
 
+#: Command-line option (argparse dest) -> model constructor argument.
+_MODEL_OPTIONS = {
+    "rank": "rank",
+    "kernel": "kernel",
+    "composite": "composite",
+    "ard": "ard",
+    "inducing": "n_inducing",
+    "latents": "n_latents",
+    "task_rank": "task_rank",
+    "max_obs": "max_obs",
+}
+
+
 def _model_params(args) -> dict:
     """Return the constructor arguments the options give, for the options the model takes."""
     from mtl4c_prob.models import MODELS
@@ -232,10 +258,14 @@ def _model_params(args) -> dict:
         raise ValueError(f"unknown model {args.model!r}; choose one of {list(MODELS)}")
     accepted = inspect.signature(MODELS[args.model]).parameters
     params = dict(getattr(args, "config_params", None) or {})
-    if args.rank is not None:
-        if "rank" not in accepted:
-            raise ValueError(f"model {args.model!r} has no --rank")
-        params["rank"] = args.rank
+    for option, name in _MODEL_OPTIONS.items():
+        value = getattr(args, option, None)
+        if value is None or value is False:
+            continue
+        if name not in accepted:
+            flag = "--" + option.replace("_", "-")
+            raise ValueError(f"model {args.model!r} has no {flag}")
+        params[name] = value
     if args.single_task:
         params["multitask"] = False
     return params

@@ -254,3 +254,17 @@ def test_recalibrate_writes_a_separate_file(tmp_path):
     bad = tmp_path / "bad"
     assert main(["run", "--recalibrate", "1.5", "--out", str(bad), "-q"]) == 2
     assert not bad.exists()
+
+
+def test_gp_options_reach_the_model(tmp_path):
+    out = tmp_path / "sgp"
+    code = main(["run", "--model", "sgp", "--kernel", "matern32", "--composite", "sum",
+                 "--inducing", "16", "--steps", "30", "--idata-draws", "10", "--out",
+                 str(out), "-q"])  # fmt: skip
+    assert code == 0
+    saved = json.loads((out / "model" / "model.json").read_text())
+    params = saved["params"]
+    assert params["kernel"] == "matern32" and params["composite"] == "sum"
+    assert params["n_inducing"] == 16
+    assert main(["run", "--model", "mf", "--kernel", "rbf", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
