@@ -19,7 +19,15 @@ from mtl4c_prob.data import DrugResponseData, kfold, prepare_features, split
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TRIAL_ERRORS", "Objective", "TrialSpec", "load_study", "run_trials", "run_workers"]
+__all__ = [
+    "TRIAL_ERRORS",
+    "Objective",
+    "TrialSpec",
+    "load_study",
+    "run_spawned",
+    "run_trials",
+    "run_workers",
+]
 
 #: Numeric failures that fail one trial instead of the study.
 TRIAL_ERRORS = (FloatingPointError, torch.linalg.LinAlgError)
@@ -224,12 +232,25 @@ def _worker_main(spec: TrialSpec, worker: int, n_trials: int, timeout: float | N
 
 def run_workers(spec: TrialSpec, workers: int, n_trials: int, timeout: float | None) -> None:
     shares = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
+    run_spawned(
+        _worker_main, [(spec, i, share, timeout) for i, share in enumerate(shares) if share]
+    )
+
+
+def run_spawned(target, arguments: list[tuple]) -> list:
+    """Run ``target(*args)`` for each tuple in its own spawned process; return the results.
+
+    The first worker's exception is raised here (after the others are stopped).
+    """
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers) as pool:
-        jobs = [
-            pool.apply_async(_worker_main, (spec, i, share, timeout))
-            for i, share in enumerate(shares)
-            if share
-        ]
-        for job in jobs:
-            job.get()
+    pool = context.Pool(len(arguments))
+    try:
+        jobs = [pool.apply_async(target, args) for args in arguments]
+        results = [job.get() for job in jobs]
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+    return results

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 import os
 import time
 import warnings
@@ -65,6 +64,7 @@ from mtl4c_prob._experiment_config import (
     read_experiment_config,
 )
 from mtl4c_prob._storage import fail_dead_local_trials, open_storage, redact, resolve_storage_url
+from mtl4c_prob._trials import run_spawned
 from mtl4c_prob.data import DrugResponseData
 
 logger = logging.getLogger(__name__)
@@ -288,10 +288,7 @@ class Experiment:
         if workers == 1:
             run_cells(grid)
         else:
-            context = multiprocessing.get_context("spawn")
-            with context.Pool(workers) as pool:
-                for job in [pool.apply_async(spawned_worker, (grid, i)) for i in range(workers)]:
-                    job.get()
+            run_spawned(spawned_worker, [(grid, i) for i in range(workers)])
         self.elapsed_ = time.perf_counter() - start
         self.write_outputs()
         return self.results()
