@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from optuna.distributions import BaseDistribution, IntDistribution
+from optuna.distributions import BaseDistribution
 
 from mtl4c_prob._spaces import decode, model_class, model_defaults, suggest
 from mtl4c_prob._storage import open_storage, worker_tag
@@ -75,10 +75,16 @@ def _validation_sets(spec: TrialSpec) -> list[tuple[DrugResponseData, DrugRespon
 
 
 class _Reporter:
-    """SVI callback: reports the intermediate objective to Optuna and prunes."""
+    """SVI callback: reports the intermediate objective to Optuna and prunes.
 
-    def __init__(self, trial: optuna.Trial, objective: str, eval_every: int) -> None:
-        self.trial, self.objective, self.eval_every = trial, objective, eval_every
+    Values are reported at the percentage of the fit done (10, 20, ..., 100 with the
+    default evaluation grid), so that trials with different step counts, whose learning
+    rates decay over their own length, are compared at the same stage.
+    """
+
+    def __init__(self, trial: optuna.Trial, objective: str, eval_every: int, steps: int) -> None:
+        self.trial, self.objective = trial, objective
+        self.eval_every, self.steps = eval_every, steps
         self.window: list[float] = []
 
     def __call__(self, step: int, loss: float, val_loss: float | None) -> None:
@@ -92,9 +98,10 @@ class _Reporter:
             return
         else:
             value = val_loss
-        self.trial.report(value, step)
+        percent = round(100 * step / self.steps)
+        self.trial.report(value, percent)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {step} (intermediate value {value:.4f})")
+            raise optuna.TrialPruned(f"pruned at {percent}% of the fit (value {value:.4f})")
 
 
 class Objective:
@@ -107,7 +114,7 @@ class Objective:
         self.sets = _validation_sets(spec)
         self.cls = model_class(spec.model)
         self.defaults = model_defaults(self.cls)
-        self.eval_every = int(spec.fit.get("eval_every", SVIConfig.eval_every))
+        self.default_steps = int(self.cls.fit_defaults.get("steps", SVIConfig.steps))
         n_tasks = spec.train.n_tasks
         self.per_task = spec.params.get("multitask") is False and n_tasks > 1
 
@@ -119,6 +126,9 @@ class Objective:
         values = suggest(trial, spec.space)
         params = {**{k: decode(self.defaults, k, v) for k, v in values.items()}, **spec.params}
         fit = {**suggest(trial, spec.fit_space), **spec.fit}
+        steps = int(fit.get("steps", self.default_steps))
+        # Ten held-out evaluations per fit unless the caller fixed the grid.
+        fit.setdefault("eval_every", max(1, steps // 10))
 
         scores, rows = [], []
         start = time.perf_counter()
@@ -126,7 +136,7 @@ class Objective:
             model = get_model(spec.model, **params)
             reporter = None
             if len(self.sets) == 1 and not self.per_task:
-                reporter = _Reporter(trial, spec.objective, self.eval_every)
+                reporter = _Reporter(trial, spec.objective, fit["eval_every"], steps)
             model.fit(
                 train,
                 val,
@@ -184,15 +194,11 @@ def _make_pruner(pruner: Any, spec: TrialSpec) -> optuna.pruners.BasePruner:
     if pruner in ("none", None):
         return optuna.pruners.NopPruner()
     if pruner == "median":
-        # Not before a third of the shortest fit: early losses say little about the end.
-        steps = spec.fit.get("steps") or _low(spec.fit_space.get("steps")) or 1000
-        warmup = 0 if spec.folds else int(steps) // 3
+        # Not before 30% of a fit (reports are percentages of the fit done): early
+        # losses say little about the end. Folds are pruned from the first one on.
+        warmup = 0 if spec.folds else 30
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=warmup)
     raise ValueError(f"unknown pruner {pruner!r}; use 'median', 'none' or an optuna pruner")
-
-
-def _low(dist: BaseDistribution | None) -> int | None:
-    return int(dist.low) if isinstance(dist, IntDistribution) else None
 
 
 def load_study(spec: TrialSpec, storage, sampler=None, pruner=None) -> optuna.Study:

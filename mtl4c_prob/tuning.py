@@ -409,9 +409,10 @@ def tune(
     sampler : {"tpe", "random"} or optuna sampler, default="tpe"
         Sampler; TPE starts with 8 random trials after the model's defaults.
     pruner : {"median", "none"} or optuna pruner, default="median"
-        Pruner of unpromising trials, on the held-out NLL reported during SVI (the
-        training loss for ``objective="elbo"``; the running mean over folds with
-        ``folds``).
+        Pruner of unpromising trials, on the held-out NLL reported ten times during
+        each fit at 10%, 20%, ... of its steps (the training loss for
+        ``objective="elbo"``; the running mean over folds with ``folds``). The median
+        pruner starts after five trials and at 30% of a fit.
     level : float, default=0.9
         Interval level of the coverage recorded per trial.
     num_samples : int, default=100

@@ -136,7 +136,8 @@ def _intermediate(study: optuna.Study) -> Figure | None:
     ax.plot([], [], color=_OTHER, label="completed")
     ax.plot([], [], color=_PRUNED, label="pruned")
     _clip_y(ax, np.asarray(values, float))
-    ax.set(xlabel="step", ylabel="intermediate value", title="Learning curves")
+    ax.set(xlabel="% of the fit (fold number with k-fold)", ylabel="intermediate value")
+    ax.set_title("Learning curves")
     ax.legend(fontsize=7)
     return fig
 
@@ -293,9 +294,10 @@ _TITLES = {
 _NOTES = {
     "history": "Objective of each completed trial; the line is the best so far, the dashed "
     "line the model's defaults (the study's first trial).",
-    "intermediate": "Values reported to the pruner during the fits (held-out NLL of the "
-    "standardised responses, the training loss for the ELBO objective, or the running "
-    "fold mean with k-fold validation); grey curves were pruned.",
+    "intermediate": "Values reported to the pruner during the fits, at the percentage of "
+    "each fit done (held-out NLL of the standardised responses, the training loss for the "
+    "ELBO objective, or the running fold mean with k-fold validation); grey curves were "
+    "pruned.",
     "importances": "Share of the objective's variance each parameter explains across the "
     "completed trials (fANOVA; PED-ANOVA without scikit-learn).",
     "contour": "Objective over pairs of the most important parameters, interpolated "
