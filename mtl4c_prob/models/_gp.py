@@ -170,6 +170,10 @@ class _GPBase(ProbabilisticModel):
         sc.add("drug_bias_sd", scale=self.bias_scale)
         if deviations:
             sc.add("drug_bias_task_sd", T, scale=self.task_scale)
+        if self.cell_effects:
+            if self._latent_drug_effects:
+                z.add("cell_z", self.n_cells_)
+            sc.add("cell_bias_sd", scale=self.bias_scale)
         sc.add("noise_sd", T, scale=self.noise_scale)
         if self.noise == "drug":
             z.add("drug_noise_z", T, J)
@@ -185,8 +189,9 @@ class _GPBase(ProbabilisticModel):
             if name == "z":
                 return torch.zeros(layout.size)
             init = torch.full((layout.size,), 0.1)
-            for block, value in (("noise_sd", 0.5), ("drug_bias_sd", 0.5)):
-                init[layout.blocks[block][0]] = value
+            for block, value in (("noise_sd", 0.5), ("drug_bias_sd", 0.5), ("cell_bias_sd", 0.3)):
+                if block in layout:
+                    init[layout.blocks[block][0]] = value
             return init
         if name == "u":
             return torch.zeros(site["fn"].shape())
@@ -275,11 +280,13 @@ class SparseGP(_GPBase):
         f(x) \mid u &\sim N(K_{xu} K_{uu}^{-1} u, \;
             k(x, x) - K_{xu} K_{uu}^{-1} K_{ux}) \\
         \log \sigma_{td} &= \log \sigma_t + \rho \, \eta_{td} \\
-        y_{tcd} &\sim N(m_t + b_{td} + f(x_c, v_d), \sigma_{td}^2)
+        y_{tcd} &\sim N(m_t + b_{td} \,[+\, b_c] + f(x_c, v_d), \sigma_{td}^2)
 
     with every :math:`z`, :math:`\eta` standard normal and half-normal priors on
     :math:`\sigma_b, \tau, \sigma_t, \rho` (scales ``bias_scale``, ``task_scale``,
-    ``noise_scale``, ``noise_spread``). The drug effects carry the large part of the
+    ``noise_scale``, ``noise_spread``); with ``cell_effects=True`` also a cell effect
+    :math:`b_c = \sigma_c z_c`, drawn from its prior for cells without training rows. The
+    drug effects carry the large part of the
     variance that drug identity explains (on GDSC, drug means alone explain most of it);
     the GP models what they do not.
 
@@ -349,6 +356,11 @@ class SparseGP(_GPBase):
         and learned (product, sum).
     drug_input : {"auto", "features", "identity", "both"}, default="auto"
         Drug side of the input (see above).
+    cell_effects : bool, default=False
+        Add a cell effect :math:`b_c` (half-normal sd, scale ``bias_scale``): what a cell
+        line does to every drug beyond what its features say. It helps when the cells
+        predicted were seen in training (leave pairs out); unseen cells get it from its
+        prior, adding :math:`\sigma_c^2` to their variance.
     multitask : bool, default=True
         One model over all tasks (shared GP, own offsets); False fits one per task.
     lengthscale_prior_loc, lengthscale_prior_scale, variance_prior_loc, variance_prior_scale
@@ -395,6 +407,7 @@ class SparseGP(_GPBase):
         n_inducing: int = 128,
         n_inducing_drugs: int = 1024,
         drug_input: str = "auto",
+        cell_effects: bool = False,
         multitask: bool = True,
         lengthscale_prior_loc: float = 1.0,
         lengthscale_prior_scale: float = 1.0,
@@ -419,6 +432,7 @@ class SparseGP(_GPBase):
             composite=composite,
             ard=ard,
             drug_input=drug_input,
+            cell_effects=bool(cell_effects),
             lengthscale_prior_loc=lengthscale_prior_loc,
             lengthscale_prior_scale=lengthscale_prior_scale,
             variance_prior_loc=variance_prior_loc,
@@ -513,6 +527,10 @@ class SparseGP(_GPBase):
         if "drug_task_z" in z:
             tau = sc["drug_bias_task_sd"][:, None]
             drug_bias = drug_bias + tau * _fresh(z["drug_task_z"], seen_d, 1)  # (T, J)
+        cell_bias = None
+        if "cell_z" in z:
+            seen_c = self.seen_mask("cell", data.n_cells, dev)
+            cell_bias = sc["cell_bias_sd"] * _fresh(z["cell_z"], seen_c)  # (I,)
 
         # Whitened inducing values; entity-level terms of f | u.
         Z = self.inducing_()
@@ -531,6 +549,8 @@ class SparseGP(_GPBase):
                 f_loc, f_var = self._separable_conditional(terms, c, d)
             tb = t if drug_bias.shape[0] > 1 else torch.zeros_like(t)
             loc = offset[t] + drug_bias[tb, d] + f_loc
+            if cell_bias is not None:
+                loc = loc + cell_bias[c]
             di = d if log_noise.shape[1] > 1 else torch.zeros_like(d)
             noise_var = torch.exp(2 * log_noise[t, di])
             scale = (f_var + noise_var).sqrt()

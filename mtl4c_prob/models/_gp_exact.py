@@ -35,7 +35,8 @@ class ExactGP(_GPBase):
     .. math::
 
         y \sim N\big(m_t,\; K + B + \mathrm{diag}(\sigma_{td}^2)\big), \qquad
-        B_{nn'} = [d_n = d_{n'}] \, (\sigma_b^2 + [t_n = t_{n'}] \, \tau_{t_n}^2),
+        B_{nn'} = [d_n = d_{n'}] \, (\sigma_b^2 + [t_n = t_{n'}] \, \tau_{t_n}^2)
+            \; [+ \, [c_n = c_{n'}] \, \sigma_c^2],
 
     with :math:`K` the kernel of the rows' inputs. This marginal likelihood (the
     MultivariateNormal over the training rows) is written per row by the chain rule,
@@ -58,7 +59,7 @@ class ExactGP(_GPBase):
 
     Parameters
     ----------
-    kernel, composite, ard, drug_input, multitask
+    kernel, composite, ard, drug_input, cell_effects, multitask
         As for :class:`SparseGP`.
     max_obs : int, default=10000
         Largest number of rows a fit may hold (its covariance is n x n); a larger fit, or
@@ -97,6 +98,7 @@ class ExactGP(_GPBase):
         composite: str = "product",
         ard: bool = False,
         drug_input: str = "auto",
+        cell_effects: bool = False,
         multitask: bool = True,
         max_obs: int = 10_000,
         lengthscale_prior_loc: float = 1.0,
@@ -120,6 +122,7 @@ class ExactGP(_GPBase):
             composite=composite,
             ard=ard,
             drug_input=drug_input,
+            cell_effects=bool(cell_effects),
             lengthscale_prior_loc=lengthscale_prior_loc,
             lengthscale_prior_scale=lengthscale_prior_scale,
             variance_prior_loc=variance_prior_loc,
@@ -266,7 +269,10 @@ class ExactGP(_GPBase):
         if "drug_bias_task_sd" in sc:
             task_var = sc["drug_bias_task_sd"][ta] ** 2
             drug_var = drug_var + (ta[:, None] == tb[None, :]).to(K.dtype) * task_var[:, None]
-        return K + drug_var * same_drug
+        K = K + drug_var * same_drug
+        if "cell_bias_sd" in sc:
+            K = K + sc["cell_bias_sd"] ** 2 * (ca[:, None] == cb[None, :]).to(K.dtype)
+        return K
 
     def _noise_var(self, log_noise, t, d) -> torch.Tensor:
         di = d if log_noise.shape[1] > 1 else torch.zeros_like(d)
@@ -324,6 +330,8 @@ class ExactGP(_GPBase):
             Ksf = self._gram(moments, (t, c, d), train)  # (B, n)
             V = torch.linalg.solve_triangular(L, Ksf.T, upper=False)  # (n, B)
             kss = prior_var + sc["drug_bias_sd"] ** 2
+            if "cell_bias_sd" in sc:
+                kss = kss + sc["cell_bias_sd"] ** 2
             if "drug_bias_task_sd" in sc:
                 kss = kss + sc["drug_bias_task_sd"][t] ** 2
             locs.append(offset[t] + Ksf @ alpha)
