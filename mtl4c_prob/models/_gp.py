@@ -387,7 +387,17 @@ class SparseGP(_GPBase):
     only, O(M_c^3 + M_d^3 + M_c^2 I + M_d^2 J + M_c M_d J) for I cells and J drugs,
     plus O(M_c B) for a minibatch of B rows (or one (I, J) product and a gather when the
     rows fill the cell x drug grid); "none" costs O(M^3 + M^2 B + M B D). Default fit:
-    2000 steps in minibatches of 4096 rows (``fit_defaults``).
+    2000 steps in minibatches of 4096 rows, guide scales starting at 0.05
+    (``fit_defaults``; 0.005 left the intervals of small data sets too narrow, coverage
+    0.85 instead of 0.94 at a nominal 0.9 on 1,800 synthetic rows).
+
+    Measured with the defaults, one torch thread on a shared 2-core machine. GDSC2 ln
+    IC50 leave-cells-out (80/20, seed 0, 50 expression PCs, Morgan fingerprints plus
+    drug identity): RMSE 1.241, NLL 1.559, 90% coverage 0.890, per-drug Pearson 0.489,
+    fit 245 s (drug means 1.420, :class:`~mtl4c_prob.models.BayesianMF` 1.254);
+    ``ard=True`` 1.225, NLL 1.549, coverage 0.893. GDSC1 + GDSC2, 100,000 training rows
+    (benchmarks/gdsc_sgp_scaling.py): fit 154 s of CPU time (273 s wall on the loaded
+    machine); the time per step does not grow with the rows.
 
     References
     ----------
