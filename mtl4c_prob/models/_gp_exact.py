@@ -43,11 +43,14 @@ class ExactGP(_GPBase):
     :math:`y_n \mid y_{<n} \sim N(y_n - L_{nn} \zeta_n, L_{nn}^2)` with :math:`L` the
     Cholesky factor of the covariance and :math:`\zeta = L^{-1} (y - m)`, so its terms
     sum exactly to the MultivariateNormal log density while the likelihood site ``obs``
-    stays in the ``observations`` plate. The hyperparameters (kernel lengthscales and
-    variances, :math:`\sigma_b`, :math:`\tau`, offsets, noise) have the priors of
-    :class:`SparseGP` and are fitted by SVI: by default as MAP point estimates
-    (``guide="delta"`` in ``fit_defaults``; ``guide="normal"`` gives an AutoNormal
-    posterior over them, at one Cholesky per predictive draw).
+    stays in the ``observations`` plate. Evaluated without gradients (ArviZ export,
+    posterior predictive checks), the training rows get their exact leave-one-out
+    predictive instead, so pointwise log-likelihoods are LOO predictive densities.
+    The hyperparameters (kernel lengthscales and variances, :math:`\sigma_b`,
+    :math:`\tau`, offsets, noise) have the priors of :class:`SparseGP` and are fitted by
+    SVI: by default as MAP point estimates (``guide="delta"`` in ``fit_defaults``;
+    ``guide="normal"`` gives an AutoNormal posterior over them, at one Cholesky per
+    predictive draw).
 
     Prediction conditions on the stored training rows: for new rows, the model records
     the GP posterior predictive :math:`\mu_* = m_t + K_{*f} \Sigma^{-1} (y - m)` and
@@ -279,12 +282,19 @@ class ExactGP(_GPBase):
         return torch.exp(2 * log_noise[t, di])
 
     def _marginal(self, data: TensorData, moments) -> tuple:
-        """Chain-rule moments of the training rows: y_n | y_<n ~ N(loc_n, scale_n^2)."""
+        """Moments of the training rows: chain rule when fitting, leave-one-out otherwise.
+
+        With gradients (SVI), y_n | y_<n, whose densities sum to the marginal likelihood;
+        without (ArviZ export, diagnostics), the exact leave-one-out predictive of each
+        row, whose density is the row's LOO predictive density.
+        """
         _, offset, log_noise, _, _ = moments
         t, c, d = data.task, data.cell, data.drug
         K = self._gram(moments, (t, c, d), (t, c, d))
         L = self._cholesky(K + torch.diag(self._noise_var(log_noise, t, d)))
-        return _chain_rule(L, data.y, offset[t])
+        if torch.is_grad_enabled():
+            return _chain_rule(L, data.y, offset[t])
+        return _leave_one_out(L, data.y, offset[t])
 
     def _factor(self, z, moments) -> tuple:
         """Cholesky factor of the training covariance and its solve with the residuals."""
@@ -349,6 +359,18 @@ def _chain_rule(L: torch.Tensor, y: torch.Tensor, mean: torch.Tensor) -> tuple:
     zeta = torch.linalg.solve_triangular(L, (y - mean)[:, None], upper=False)[:, 0]
     scale = L.diagonal()
     return y - scale * zeta, scale
+
+
+def _leave_one_out(L: torch.Tensor, y: torch.Tensor, mean: torch.Tensor) -> tuple:
+    r"""Exact leave-one-out predictive moments under :math:`N(\text{mean}, L L^T)`.
+
+    With :math:`\alpha = \Sigma^{-1} (y - \text{mean})`: loc :math:`y_n - \alpha_n /
+    [\Sigma^{-1}]_{nn}`, scale :math:`[\Sigma^{-1}]_{nn}^{-1/2}` (Rasmussen & Williams,
+    2006, eq. 5.12).
+    """
+    precision_diag = torch.cholesky_inverse(L).diagonal()
+    alpha = torch.cholesky_solve((y - mean)[:, None], L)[:, 0]
+    return y - alpha / precision_diag, precision_diag.rsqrt()
 
 
 def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:

@@ -11,7 +11,7 @@ from mtl4c_prob.evaluation.metrics import coverage, rmse
 from mtl4c_prob.exceptions import DataError
 from mtl4c_prob.models import get_model, load_model
 from mtl4c_prob.models._gp import SparseGP
-from mtl4c_prob.models._gp_exact import ExactGP, _chain_rule
+from mtl4c_prob.models._gp_exact import ExactGP, _chain_rule, _leave_one_out
 from mtl4c_prob.models._kernels import CellDrugKernel, identity_inputs, reference_distances
 
 from .contract import check_beats_mean, check_contract, contract_split
@@ -194,6 +194,19 @@ def test_chain_rule_sums_to_the_multivariate_normal():
     loc, scale = _chain_rule(L, y, mean)
     total = dist.Normal(loc, scale).log_prob(y).sum()
     torch.testing.assert_close(total, dist.MultivariateNormal(mean, scale_tril=L).log_prob(y))
+
+
+def test_leave_one_out_matches_refitting_without_each_row():
+    torch.manual_seed(1)
+    A = torch.randn(9, 9, dtype=torch.float64)
+    S = A @ A.T + torch.eye(9, dtype=torch.float64)
+    y, mean = torch.randn(9, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
+    loc, scale = _leave_one_out(torch.linalg.cholesky(S), y, mean)
+    for i in range(9):
+        rest = [j for j in range(9) if j != i]
+        w = torch.linalg.solve(S[rest][:, rest], S[rest, i])
+        torch.testing.assert_close(loc[i], mean[i] + w @ (y[rest] - mean[rest]))
+        torch.testing.assert_close(scale[i] ** 2, S[i, i] - w @ S[rest, i])
 
 
 # ---------------------------------------------------------------------- contract
@@ -437,6 +450,29 @@ def test_exact_gp_save_load_and_unseen_cells(tmp_path):
     assert rmse(pred["y"], pred["mean"]) < 0.9 * _drug_mean_rmse(train, test)
     model.save(tmp_path / "gp")
     pd.testing.assert_frame_equal(pred, load_model(tmp_path / "gp").predict(test, num_samples=20))
+
+
+def test_arviz_export(small_lpo):
+    """Pointwise log-likelihoods for LOO: the exact GP's are its LOO predictive densities."""
+    from mtl4c_prob.evaluation.diagnostics import to_inference_data
+
+    train, _ = small_lpo
+    exact = ExactGP(noise="task").fit(train, **{**GP_FIT, "steps": 40})
+    idata = to_inference_data(exact, train, num_samples=4, chains=2)
+    ll = idata.log_likelihood["y"].values.reshape(4, -1)
+    assert ll.shape == (4, train.n_obs) and np.isfinite(ll).all()
+    np.testing.assert_allclose(ll[0], ll[1], rtol=1e-5)  # point-estimate guide
+    # LOO densities are lower than in-sample ones: the row is not conditioned on.
+    fitted = exact.predict(train, num_samples=2)
+    in_sample = (
+        -0.5 * np.log(2 * np.pi * fitted["sd"] ** 2)
+        - 0.5 * ((fitted["y"] - fitted["mean"]) / fitted["sd"]) ** 2
+    )
+    assert ll[0].mean() < in_sample.mean()
+    sparse = SparseGP(n_inducing=16).fit(train, **{**SGP_FIT, "steps": 30})
+    idata = to_inference_data(sparse, train, num_samples=4, chains=2)
+    assert np.isfinite(idata.log_likelihood["y"].values).all()
+    assert idata.posterior["u"].shape[:2] == (2, 2)
 
 
 def test_cell_features_are_required(lpo):
