@@ -13,7 +13,7 @@ import torch
 from mtl4c_prob.data import DrugResponseData, TensorData
 from mtl4c_prob.exceptions import DataError
 from mtl4c_prob.inference import SVIConfig, resolve_device
-from mtl4c_prob.models._gp import CHUNK, _GPBase
+from mtl4c_prob.models._gp_base import CHUNK, _GPBase
 from mtl4c_prob.models._kernels import reference_distances
 
 logger = logging.getLogger(__name__)
