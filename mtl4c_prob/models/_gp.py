@@ -121,8 +121,9 @@ class SparseGP(_GPBase):
     cell_effects : bool, default=False
         Add a cell effect :math:`b_c` (half-normal sd, scale ``bias_scale``): what a cell
         line does to every drug beyond what its features say. It helps when the cells
-        predicted were seen in training (leave pairs out); unseen cells get it from its
-        prior, adding :math:`\sigma_c^2` to their variance.
+        predicted were seen in training, and hurts for unseen cells, which get it from
+        its prior: on GDSC2 (defaults otherwise) leave-pairs-out RMSE 1.087 instead of
+        1.154 (NLL 1.392 instead of 1.464), leave-cells-out 1.298 instead of 1.241.
     multitask : bool, default=True
         One model over all tasks (shared GP, own offsets); False fits one per task.
     lengthscale_prior_loc, lengthscale_prior_scale, variance_prior_loc, variance_prior_scale
