@@ -2,13 +2,14 @@
 
 Usage (from the repository root)::
 
-    python benchmarks/gdsc_tuning.py [--trials 20] [--seed 0] [--json FILE]
+    python benchmarks/gdsc_tuning.py [--trials 20] [--seed 0] [--priors-only] [--json FILE]
 
 Steps, each on the same 80/20 leave-pairs-out split (duplicated pairs averaged):
 
 1. fit the MF at its defaults on the training part, score the test part;
 2. a study of ``--trials`` trials (one worker, one torch thread) tunes the priors, rank,
-   noise model, learning rate and steps on a validation split of the training part
+   noise model, learning rate and steps (``--priors-only``: the prior scales and the noise
+   model, at rank 50 and the default fit) on a validation split of the training part
    (held-out NLL, median pruning);
 3. refit the best configuration on the whole training part, score the test part;
 4. the same study (same seed, fresh storage) with two worker processes, one torch thread
@@ -49,8 +50,10 @@ def score_on_test(data, model_name, params, fit, seed):
     return {**{k: overall[k] for k in keys}, "fit_s": seconds}
 
 
-def run_study(data, trials, seed, workers, folder):
+def run_study(data, trials, seed, workers, folder, priors_only):
     start = time.perf_counter()
+    # Priors only: the rank and the fit settings stay at the defaults.
+    fixed = {"params": {"rank": 50}, "tune_fit": False} if priors_only else {}
     result = tune(
         data,
         "mf",
@@ -60,6 +63,7 @@ def run_study(data, trials, seed, workers, folder):
         out=folder,
         progress_bar=False,
         device="cpu",
+        **fixed,
     )
     return result, time.perf_counter() - start
 
@@ -71,6 +75,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=None, help="keep the study folders here")
     parser.add_argument("--skip-two", action="store_true", help="skip the two-worker study")
+    parser.add_argument(
+        "--priors-only", action="store_true", help="search the prior scales and noise model only"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -87,7 +94,7 @@ def main() -> None:
     defaults = score_on_test(data, "mf", {}, {"device": "cpu"}, args.seed)
     print(f"defaults on test: {defaults}")
 
-    one, one_s = run_study(data, args.trials, args.seed, 1, root / "one")
+    one, one_s = run_study(data, args.trials, args.seed, 1, root / "one", args.priors_only)
     counts = {s.name: sum(t.state == s for t in one.study.trials) for s in optuna.trial.TrialState}
     print(f"1 worker: {args.trials} trials in {one_s:.0f} s; {counts}")
     print(f"  validation NLL: defaults {one.default_value:.4f}, best {one.best_value:.4f}")
@@ -107,7 +114,7 @@ def main() -> None:
         "load_start": load,
     }
     if not args.skip_two:
-        two, two_s = run_study(data, args.trials, args.seed, 2, root / "two")
+        two, two_s = run_study(data, args.trials, args.seed, 2, root / "two", args.priors_only)
         print(f"2 workers: {args.trials} trials in {two_s:.0f} s; ratio {two_s / one_s:.2f}")
         print(f"  validation NLL best {two.best_value:.4f}")
         rows.update({"two_workers_s": two_s, "ratio": two_s / one_s, "two_best": two.best_value})
