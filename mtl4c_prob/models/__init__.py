@@ -24,6 +24,9 @@ _REGISTRY = {
     "ncf-pooled-gmf": ("_ncf", "PooledGMFNCF", "multitask NCF: pooled GMF, one MLP per task"),
     "gp": ("_gp_exact", "ExactGP", "exact GP regression on cell and drug inputs (small data)"),
     "sgp": ("_gp", "SparseGP", "sparse variational GP on cell and drug inputs, minibatch"),
+    "icm": ("_mtgp", "ICMGP", "multitask GP, intrinsic coregionalisation (Hadamard), GPyTorch"),
+    "lmc": ("_mtgp", "LMCGP", "multitask GP, linear model of coregionalisation, GPyTorch"),
+    "gp-full": ("_mtgp", "FullMultitaskGP", "full multitask GP: all tasks at every pair, GPyTorch"),
 }
 
 
