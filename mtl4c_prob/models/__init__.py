@@ -7,6 +7,7 @@ import importlib
 from mtl4c_prob.models._base import MODEL_FILE, ProbabilisticModel
 from mtl4c_prob.models._gp import SparseGP
 from mtl4c_prob.models._gp_exact import ExactGP
+from mtl4c_prob.models._gp_init import find_initial_conditions
 from mtl4c_prob.models._likelihoods import CensoredNormal, gaussian_likelihood
 from mtl4c_prob.models._mean import MeanEffects
 from mtl4c_prob.models._mf import BayesianMF
@@ -70,6 +71,7 @@ __all__ = [
     "MeanEffects",
     "ProbabilisticModel",
     "SparseGP",
+    "find_initial_conditions",
     "gaussian_likelihood",
     "get_model",
     "load_model",
