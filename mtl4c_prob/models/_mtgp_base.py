@@ -265,7 +265,7 @@ class MultitaskGPBase(ProbabilisticModel):
             sc.add("drug_task_sd", T, scale=self.task_scale)
         if self.interaction_scale > 0:
             z.add("interaction_z", T, J, self.dims_["cell"])
-            sc.add("interaction_sd", scale=self.interaction_scale)
+            sc.add("interaction_sd", T, scale=self.interaction_scale)
         if self._latent_noise:
             sc.add("noise_sd", T, scale=self.noise_scale)
         if self.noise == "drug":
@@ -397,7 +397,7 @@ class MultitaskGPBase(ProbabilisticModel):
     def _interaction_weights(self, gp, data: TensorData, z: dict, sc: dict):
         r"""Per-task, per-drug weights on the cell features, (T, n_drugs, D), or None.
 
-        :math:`w_{td} = \sigma_w \sum_r L_{tr} z_{rd}`, :math:`L L^T` the task
+        :math:`w_{td} = \sigma_{wt} \sum_r L_{tr} z_{rd}`, :math:`L L^T` the task
         correlation of the GP, so screens share a drug's weights as they share functions.
         """
         if "interaction_z" not in z:
@@ -409,7 +409,7 @@ class MultitaskGPBase(ProbabilisticModel):
         C = B / (sd[:, None] * sd[None, :])
         eye = torch.eye(len(C), device=C.device, dtype=C.dtype)
         L = torch.linalg.cholesky(C + 1e-5 * eye)
-        return sc["interaction_sd"] * torch.einsum("tr,rjd->tjd", L, zd)
+        return sc["interaction_sd"][:, None, None] * torch.einsum("tr,rjd->tjd", L, zd)
 
     def _interaction(self, data: TensorData, W, t, c, d) -> torch.Tensor:
         r"""Row term :math:`\tilde x_c \cdot w_{td} / \sqrt{D}` (0 without weights)."""
