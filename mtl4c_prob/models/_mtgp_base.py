@@ -38,7 +38,12 @@ _param_site = effectful(lambda name, value: value, type="param")
 
 
 class MultitaskGPBase(ProbabilisticModel):
-    """What the three multitask GPs share: inputs, mean effects, GP lifecycle, readouts."""
+    """What the three multitask GPs share: inputs, mean effects, GP lifecycle, readouts.
+
+    Status: experimental. Subclasses implement ``_new_module`` (the GPyTorch module) and
+    ``_initialise_tasks`` (the starting task covariance); see
+    :class:`~mtl4c_prob.models._mtgp.ICMGP`.
+    """
 
     requires_cell_features = True
     fit_defaults = {"steps": 1000, "lr": 0.02, "batch_size": 2048, "init_scale": 0.05}
