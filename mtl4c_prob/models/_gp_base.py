@@ -222,12 +222,22 @@ class _GPBase(ProbabilisticModel):
             log_noise = log_noise + sc["drug_noise_spread"] * eta
         return z, sc, offset, log_noise
 
-    def _cholesky(self, K: torch.Tensor) -> torch.Tensor:
-        """Lower Cholesky factor of ``K``, with jitter that grows tenfold if it fails."""
-        eye = torch.eye(K.shape[-1], device=K.device, dtype=K.dtype)
+    def _cholesky(self, K: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Lower Cholesky factor of ``K``, with jitter that grows tenfold if it fails.
+
+        With ``inplace=True`` (``K`` without gradients) the jitter is added to ``K``'s
+        diagonal in place, so that only the factor is allocated besides ``K``.
+        """
         base = self.jitter * K.diagonal().mean().detach()
+        eye = None if inplace else torch.eye(K.shape[-1], device=K.device, dtype=K.dtype)
+        added = 0.0
         for attempt in range(4):
-            L, info = torch.linalg.cholesky_ex(K + base * 10**attempt * eye)
+            if inplace:
+                K.diagonal().add_(base * 10**attempt - added)
+                added = base * 10**attempt
+                L, info = torch.linalg.cholesky_ex(K)
+            else:
+                L, info = torch.linalg.cholesky_ex(K + base * 10**attempt * eye)
             if int(info) == 0:
                 if attempt and not getattr(self, "_jitter_warned", False):
                     self._jitter_warned = True
