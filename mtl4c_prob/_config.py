@@ -212,7 +212,7 @@ def apply_fit_config(args: Any) -> None:
 
     The file names the model, its constructor arguments and its SVI settings.
     Command-line options still win where they were given: ``--rank``, ``--steps``,
-    ``--lr`` and ``--batch-size`` when set, ``--guide`` when not the default, and
+    ``--lr``, ``--batch-size`` and ``--guide`` when set, and
     ``--single-task``. ``--model`` may repeat the file's model; naming another one (other
     than the default ``mf``) is an error. Constructor arguments go to
     ``args.config_params`` and the remaining SVI settings to ``args.config_fit``, which
@@ -238,7 +238,7 @@ def apply_fit_config(args: Any) -> None:
             continue
         value = fit.pop(key)
         if key == "guide":
-            if args.guide == "normal":
+            if args.guide is None:
                 args.guide = value
         elif getattr(args, attr) is None:
             setattr(args, attr, value)

@@ -70,7 +70,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     gp.add_argument("--max-obs", type=int, default=None, help="exact GP: largest training set")
     p.add_argument("--steps", type=int, default=None, help="SVI steps")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate")
-    p.add_argument("--guide", default="normal", choices=["normal", "lowrank", "delta"])
+    p.add_argument(
+        "--guide",
+        default=None,
+        choices=["normal", "lowrank", "delta"],
+        help="variational family (default: the model's own; 'normal' for most, 'delta' for gp)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default full)")
     p.add_argument("--num-samples", type=int, default=300, help="posterior draws for prediction")
     p.add_argument("--level", type=float, default=0.9, help="central interval probability")
@@ -275,11 +280,12 @@ def _fit_config(args) -> dict:
     """SVI settings given on the command line (the model's own defaults fill the rest)."""
     config = {
         **(getattr(args, "config_fit", None) or {}),
-        "guide": args.guide,
         "seed": args.seed,
         "device": args.device,
         "progress_bar": not args.quiet and sys.stderr.isatty(),
     }
+    if args.guide:
+        config["guide"] = args.guide
     if args.batch_size:
         config["batch_size"] = args.batch_size
     if args.steps:

@@ -645,7 +645,7 @@ def cmd_tune(args) -> int:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     data, _, _ = cli._load_data(args)
     params = cli._model_params(args)
-    fit = {"guide": args.guide} if args.guide != "normal" else {}
+    fit = {"guide": args.guide} if args.guide else {}
     for key in ("steps", "lr", "batch_size"):
         if getattr(args, key):
             fit[key] = getattr(args, key)

@@ -35,7 +35,7 @@ def test_toml_round_trip(tmp_path):
 
 def _args(**given):
     defaults = {"model": "mf", "rank": None, "steps": None, "lr": None, "batch_size": None,
-                "guide": "normal", "single_task": False}  # fmt: skip
+                "guide": None, "single_task": False}  # fmt: skip
     return argparse.Namespace(**{**defaults, **given})
 
 
