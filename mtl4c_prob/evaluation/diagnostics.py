@@ -74,7 +74,9 @@ def _draws(model, data: DrugResponseData, num_samples: int, seed: int):
         for i in range(num_samples):
             pyro.set_rng_seed(seed * 1_000_003 + i)
             guide_trace = poutine.trace(model.guide_).get_trace(tensors)
-            trace = poutine.trace(poutine.replay(model.model, guide_trace)).get_trace(tensors)
+            trace = poutine.trace(poutine.replay(model.pointwise_model, guide_trace)).get_trace(
+                tensors
+            )
             site = trace.nodes["obs"]
             logliks.append(site["fn"].log_prob(site["value"]).cpu() - log_std)
             if "loc" in trace.nodes:

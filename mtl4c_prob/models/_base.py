@@ -78,6 +78,15 @@ class ProbabilisticModel:
         """Run the Pyro program over ``data``; subclasses implement it."""
         raise NotImplementedError(f"{type(self).__name__} must implement model(data, subsample)")
 
+    def pointwise_model(self, data: TensorData) -> None:
+        """Run the Pyro program with one ``obs`` value per row of ``data``.
+
+        The exports' pointwise log-likelihoods (LOO, WAIC) replay this program. It is
+        :meth:`model` unless the model's likelihood couples rows (gp-full's per-pair
+        multivariate normal), where it records each row's marginal instead.
+        """
+        self.model(data)
+
     def init_loc_fn(self, site: dict) -> torch.Tensor:
         """Return the initial value of a latent site for the autoguides (default: prior median)."""
         return autoguide.init_to_median(site)

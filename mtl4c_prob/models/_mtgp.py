@@ -17,6 +17,8 @@ from mtl4c_prob.models._base import ProbabilisticModel
 from mtl4c_prob.models._mtgp_base import MultitaskGPBase
 from mtl4c_prob.models._mtgp_modules import ICMModule, InputKernel, LMCModule
 
+INCOMPLETE = ("marginal", "error", "intersect")
+
 __all__ = ["FullMultitaskGP", "ICMGP", "LMCGP"]
 
 _SHARED_DOC = r"""
@@ -387,15 +389,17 @@ class FullMultitaskGP(LMCGP):
     drug scales :math:`\Sigma` by :math:`s_{td} s_{ud}`, :math:`\log s_{td} = \rho
     \eta_{td}`.
 
-    The likelihood needs every task at every training pair: rows are grouped into pairs
-    and the plate ``observations`` runs over pairs (minibatches of ``batch_size /
-    n_tasks`` pairs), each pair's responses ``obs`` a T-variate normal. On new rows
-    (no responses) the program is the per-row form of :class:`LMCGP`, recording ``loc``
-    and ``scale`` (the marginal of each row's task). When some training pairs lack a task,
-    ``incomplete="error"`` (default) raises a :class:`~mtl4c_prob.exceptions.DataError`
-    naming how many pairs lack which task; ``"intersect"`` fits on the complete pairs
-    only (dropping the others' rows, with a ``DataWarning``). ``icm`` and ``lmc`` take
-    incomplete data as they are.
+    Rows are grouped into (cell, drug) pairs and the plate ``observations`` runs over
+    pairs (minibatches of ``batch_size / n_tasks`` pairs), each pair's responses ``obs``
+    a T-variate normal. On new rows (no responses) the program is the per-row form of
+    :class:`LMCGP`, recording ``loc`` and ``scale`` (the marginal of each row's task).
+    When some training pairs lack a task, ``incomplete="marginal"`` (default) integrates
+    the missing responses out: such a pair's likelihood is the normal of its observed
+    tasks, the sub-block of the pair's covariance (exact; implemented by decoupling the
+    missing coordinates, see :func:`_observed_block`). ``"error"`` raises a
+    :class:`~mtl4c_prob.exceptions.DataError` naming how many pairs lack which task;
+    ``"intersect"`` fits on the complete pairs only (dropping the others' rows, with a
+    ``DataWarning``).
 
     {story}
 
@@ -408,7 +412,7 @@ class FullMultitaskGP(LMCGP):
         Latent GPs Q, i.e. the rank of :math:`A^T A` (default: the number of tasks).
     noise_rank : int, default=1
         Rank of the correlated part of :math:`\Sigma` (0: independent task noise).
-    incomplete : {"error", "intersect"}, default="error"
+    incomplete : {"marginal", "error", "intersect"}, default="marginal"
         What to do when training pairs lack a task (see above).
     {shared}
 
@@ -426,7 +430,7 @@ class FullMultitaskGP(LMCGP):
         n_latents: int | None = None,
         *,
         noise_rank: int = 1,
-        incomplete: str = "error",
+        incomplete: str = "marginal",
         kernel: str = "rbf",
         composite: str = "product",
         ard: bool = False,
@@ -453,8 +457,8 @@ class FullMultitaskGP(LMCGP):
             raise ValueError(f"n_latents must be at least 1 or None, got {n_latents}")
         if int(noise_rank) < 0:
             raise ValueError(f"noise_rank must be 0 or more, got {noise_rank}")
-        if incomplete not in ("error", "intersect"):
-            raise ValueError(f"incomplete must be 'error' or 'intersect', got {incomplete!r}")
+        if incomplete not in INCOMPLETE:
+            raise ValueError(f"incomplete must be one of {INCOMPLETE}, got {incomplete!r}")
         self.n_latents = None if n_latents is None else int(n_latents)
         self.noise_rank, self.incomplete = int(noise_rank), incomplete
         self._init_common(
@@ -486,7 +490,7 @@ class FullMultitaskGP(LMCGP):
         config: SVIConfig | None = None,
         **config_kwargs: Any,
     ) -> FullMultitaskGP:
-        """Fit by SVI after checking that every training pair has every task.
+        """Fit by SVI after checking the pairs (see ``incomplete``).
 
         Raises
         ------
@@ -522,7 +526,7 @@ class FullMultitaskGP(LMCGP):
         present = present.reindex(columns=list(data.tasks))
         lacking = present.isna()
         incomplete = lacking.any(axis=1)
-        if not incomplete.any():
+        if not incomplete.any() or self.incomplete == "marginal":
             return data
         n_bad, n_pairs = int(incomplete.sum()), len(present)
         by_task = ", ".join(f"{t} missing at {int(n)}" for t, n in lacking.sum().items() if n)
@@ -597,13 +601,16 @@ class FullMultitaskGP(LMCGP):
         pyro.factor("gp", self._log_prior(gp) - gp.kl_divergence())
         offset, drug, log_noise = self._effects(data, z, sc)
         W = self._interaction_weights(gp, data, z, sc)
-        pairs = self._pairs(data)  # (n_pairs, T): the row of each task
+        pairs = self._pairs(data)  # (n_pairs, T): the row of each task, -1 where missing
         n_pairs = pairs.shape[0]
         sub = None if subsample_size is None else max(1, subsample_size // T)
         sub = None if sub is not None and sub >= n_pairs else sub
         with pyro.plate("observations", n_pairs, subsample_size=sub, device=dev) as idx:
-            rows = pairs if sub is None else pairs[idx]
-            c, d = data.cell[rows[:, 0]], data.drug[rows[:, 0]]
+            table = pairs if sub is None else pairs[idx]
+            seen = table >= 0
+            rows = table.clamp_min(0)
+            first = table.max(dim=1).values  # any observed row of the pair
+            c, d = data.cell[first], data.drug[first]
             f_mean, f_cov = gp.joint(self._inputs(data, c, d))  # (B, T), (B, T, T)
             tasks = torch.arange(T, device=dev)[None]
             loc = offset + self._gather(drug, tasks, d[:, None]) + f_mean
@@ -612,7 +619,11 @@ class FullMultitaskGP(LMCGP):
                 loc = loc + torch.einsum("bk,tbk->bt", x, W[:, d]) / math.sqrt(x.shape[-1])
             s = torch.exp(self._gather(log_noise, tasks, d[:, None]))  # (B, T)
             noise = s[:, :, None] * gp.noise_covariance() * s[:, None, :]
-            y = data.y[rows]
+            y = torch.where(seen, data.y[rows], loc.detach())
+            if not bool(seen.all()):
+                f_cov, noise = _observed_block(f_cov, seen, 0.0), _observed_block(noise, seen)
+                # Each missing coordinate adds log N(0 | 0, 1) to the decoupled density.
+                pyro.factor("missing_tasks", 0.5 * math.log(2 * math.pi) * (~seen).sum(-1))
             obs_dist = dist.MultivariateNormal(loc, covariance_matrix=f_cov + noise)
             pyro.sample("obs", obs_dist, obs=y)
             if self._elbo_weight() > 0:
@@ -622,22 +633,56 @@ class FullMultitaskGP(LMCGP):
                 gap = expected - 0.5 * trace - obs_dist.log_prob(y)
                 pyro.factor("elbo_gap", self._elbo_weight() * gap)
 
+    def pointwise_model(self, data: TensorData) -> None:
+        """Run the per-row form of :class:`LMCGP`: ``obs`` of each row is its task's marginal.
+
+        The pair likelihood is one T-variate normal per (cell, drug) pair; the exports
+        need one log-likelihood per row, the marginal of the row's task in its pair's
+        normal (the log-likelihood of that row alone, not conditioned on the pair's other
+        tasks).
+        """
+        LMCGP.model(self, data)
+
     def _pairs(self, data: TensorData) -> torch.Tensor:
-        """Row indices (n_pairs, n_tasks) of each (cell, drug) pair's tasks, cached per batch."""
+        """Row indices (n_pairs, n_tasks) of each (cell, drug) pair's tasks, -1 where missing.
+
+        Cached per batch.
+        """
         key = ("gp-full pairs", id(data.task))
         if key not in data.extra or data.extra[key][0] is not data.task:
             T = self.n_tasks_
             pair = data.cell * data.n_drugs + data.drug
-            order = torch.argsort(pair * T + data.task)
-            counts = torch.unique_consecutive(pair[order], return_counts=True)[1]
-            if counts.numel() * T != data.n_obs or bool((counts != T).any()):
+            _, pair_id = torch.unique(pair, return_inverse=True)
+            slot = pair_id * T + data.task
+            if torch.unique(slot).numel() != data.n_obs:
+                raise DataError(
+                    "gp-full needs one row per (task, cell, drug); some rows with responses "
+                    "repeat one: average them (duplicates='mean' in the loaders)"
+                )
+            n_pairs = int(pair_id.max()) + 1 if data.n_obs else 0
+            table = torch.full((n_pairs * T,), -1, dtype=torch.long, device=data.device)
+            table[slot] = torch.arange(data.n_obs, device=data.device)
+            table = table.view(n_pairs, T)
+            if self.incomplete != "marginal" and bool((table < 0).any()):
                 raise DataError(
                     f"gp-full needs every task at every (cell, drug) pair of rows with "
-                    f"responses; {int((counts != T).sum())} of {counts.numel()} pairs here "
-                    "lack a task or repeat one"
+                    f"responses; {int((table < 0).any(1).sum())} of {n_pairs} pairs here lack "
+                    "a task (incomplete='marginal' integrates the missing ones out)"
                 )
-            data.extra[key] = (data.task, order.view(-1, T))
+            data.extra[key] = (data.task, table)
         return data.extra[key][1]
+
+
+def _observed_block(cov: torch.Tensor, seen: torch.Tensor, fill: float = 1.0) -> torch.Tensor:
+    r"""Covariances (B, T, T) with the unseen coordinates decoupled.
+
+    Rows and columns of unseen coordinates are zeroed and their diagonal set to ``fill``,
+    so a normal density over the result factorises into the observed block's density and
+    independent terms for the unseen coordinates; with their values at the mean and
+    ``fill=1`` those terms are each :math:`\log N(0 \mid 0, 1)`.
+    """
+    m = seen.to(cov.dtype)
+    return cov * (m[:, :, None] * m[:, None, :]) + torch.diag_embed(fill * (1 - m))
 
 
 ICMGP.__doc__ = _format(ICMGP.__doc__, inducing_unit=", shared by the tasks")

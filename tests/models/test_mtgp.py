@@ -1,16 +1,21 @@
 """Contract, readout and statistical tests of the multitask GPs (ICM, LMC, gp-full)."""
 
+import math
+
 import matplotlib
 import numpy as np
 import pandas as pd
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 
 from mtl4c_prob.data import DrugResponseData, make_latent_factor_data, split
+from mtl4c_prob.evaluation.diagnostics import to_inference_data
 from mtl4c_prob.evaluation.metrics import coverage, rmse
 from mtl4c_prob.exceptions import DataError, DataWarning
 from mtl4c_prob.models import MeanEffects, find_initial_conditions, get_model, load_model
-from mtl4c_prob.models._mtgp import ICMGP, LMCGP, FullMultitaskGP
+from mtl4c_prob.models._mtgp import ICMGP, LMCGP, FullMultitaskGP, _observed_block
 from mtl4c_prob.models._mtgp_modules import InputKernel, LMCModule
 
 from .contract import check_beats_mean, check_contract, contract_split
@@ -234,16 +239,62 @@ def test_task_correlation_needs_a_joint_fit(lpo):
 
 
 # ------------------------------------------------------------- gp-full
-def test_gp_full_refuses_missing_outputs(lpo):
-    train, _ = lpo
+def test_observed_block_gives_the_marginal_of_the_observed_tasks():
+    torch.manual_seed(0)
+    A = torch.randn(5, 3, 3, dtype=torch.float64)
+    cov = A @ A.transpose(-1, -2) + torch.eye(3, dtype=torch.float64)
+    loc, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    seen = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 1, 0], [0, 1, 1], [1, 0, 0]]).bool()
+    y_filled = torch.where(seen, y, loc)
+    decoupled = dist.MultivariateNormal(loc, _observed_block(cov, seen)).log_prob(y_filled)
+    decoupled = decoupled + 0.5 * math.log(2 * math.pi) * (~seen).sum(-1)
+    for b in range(5):
+        k = seen[b]
+        marginal = dist.MultivariateNormal(loc[b, k], cov[b][k][:, k]).log_prob(y[b, k])
+        torch.testing.assert_close(decoupled[b], marginal)
+
+
+def test_gp_full_takes_or_refuses_missing_outputs(lpo):
+    train, test = lpo
     frame = train.frame
     pairs = frame.groupby(["cell", "drug"]).size()
     n_bad = int((pairs < 2).sum())
+    assert n_bad > 0
+    # Default: a pair seen in one task contributes that task's marginal likelihood.
+    model = FullMultitaskGP(**SMALL).fit(train, **{**FIT, "steps": 20})
+    assert np.isfinite(model.fit_result_.losses).all()
+    assert np.isfinite(model.predict(test, num_samples=4)["mean"]).all()
     with pytest.raises(DataError, match=rf"{n_bad} of {len(pairs)} pairs lack a task.*'icm'"):
-        FullMultitaskGP(**SMALL).fit(train, **FIT)
+        FullMultitaskGP(**SMALL, incomplete="error").fit(train, **FIT)
     with pytest.warns(DataWarning, match=f"{n_bad} of {len(pairs)} training pairs"):
         model = FullMultitaskGP(**SMALL, incomplete="intersect").fit(train, **{**FIT, "steps": 20})
     assert model.fit_result_.steps == 20
+
+
+def test_gp_full_pair_likelihood_of_lone_rows_is_their_pointwise_marginal(lpo):
+    train, _ = lpo
+    model = FullMultitaskGP(**SMALL).fit(train, **{**FIT, "steps": 20})
+    frame = train.frame
+    lone = frame.groupby(["cell", "drug"])["task"].transform("size").to_numpy() == 1
+    data = model._tensors(train.subset(lone), model.device_, with_y=True)
+    with torch.no_grad(), pyro.poutine.block():
+        guide = pyro.poutine.trace(model.guide_).get_trace(data)
+        replay = pyro.poutine.replay
+        pairs = pyro.poutine.trace(replay(model.model, guide)).get_trace(data).nodes
+        rows = pyro.poutine.trace(replay(model.pointwise_model, guide)).get_trace(data).nodes
+
+    # One task per pair: the pair normal with the missing task integrated out is the
+    # row's marginal, up to the order of the pairs.
+    def log_prob(nodes, name):
+        return nodes[name]["fn"].log_prob(nodes[name]["value"])
+
+    joint = log_prob(pairs, "obs") + log_prob(pairs, "missing_tasks")
+    single = log_prob(rows, "obs")
+    assert joint.shape == single.shape == (int(lone.sum()),)
+    torch.testing.assert_close(joint.sort().values, single.sort().values, rtol=1e-4, atol=1e-4)
+    idata = to_inference_data(model, train, num_samples=4, max_obs=None)
+    loglik = idata.log_likelihood["y"].values
+    assert loglik.shape == (2, 2, train.n_obs) and np.isfinite(loglik).all()
 
 
 def test_gp_full_beats_mean_effects(complete):
