@@ -109,6 +109,21 @@ def test_several_svi_steps_move_model_side_parameters(lpo, cls):
     assert any("variational_mean" in k for k in moved)
 
 
+def test_default_minibatch_gives_each_task_the_rows_of_a_per_task_fit(lpo):
+    train, _ = lpo
+    assert train.n_tasks > 1
+    per_task = ICMGP.fit_defaults["batch_size"]
+    fit = {"steps": 1, "progress_bar": False, "seed": 0}
+    joint = ICMGP(**SMALL).fit(train, **fit, batch_size=None)
+    assert joint.fit_result_.settings["batch_size"] == per_task * train.n_tasks
+    single = ICMGP(**SMALL, multitask=False).fit(train, **fit)
+    assert all(
+        m.fit_result_.settings["batch_size"] == per_task for m in single.task_models_.values()
+    )
+    given = ICMGP(**SMALL).fit(train, **fit, batch_size=100)
+    assert given.fit_result_.settings["batch_size"] == 100
+
+
 def test_lmc_row_moments_equal_gpytorch_task_indices():
     """Per-row LMC moments equal LMCVariationalStrategy(x, task_indices=t) (up to its jitter)."""
     torch.manual_seed(0)
