@@ -534,8 +534,9 @@ class FullMultitaskGP(LMCGP):
             raise DataError(
                 f"gp-full needs every task at every {what} (cell, drug) pair: {n_bad} of "
                 f"{n_pairs} pairs lack a task ({by_task}); fit 'icm' or 'lmc', which take each "
-                f"row with its own task, or pass incomplete='intersect' to fit on the "
-                f"{n_pairs - n_bad} complete pairs only"
+                f"row with its own task, or pass incomplete='marginal' (the default) to "
+                f"integrate the missing responses out or incomplete='intersect' to fit on "
+                f"the {n_pairs - n_bad} complete pairs only"
             )
         keep_pairs = present.index[~incomplete.to_numpy()]
         keys = pd.MultiIndex.from_frame(frame[["cell", "drug"]].astype(str))
