@@ -15,7 +15,12 @@ from mtl4c_prob.data import DrugResponseData, TensorData
 from mtl4c_prob.exceptions import NumericalWarning, warn_external
 from mtl4c_prob.inference import SVIConfig
 from mtl4c_prob.models._base import ProbabilisticModel
-from mtl4c_prob.models._kernels import CellDrugKernel, check_kernel_options, identity_inputs
+from mtl4c_prob.models._kernels import (
+    CellDrugKernel,
+    DrugInputChoice,
+    check_kernel_options,
+    identity_inputs,
+)
 from mtl4c_prob.models._mf import _fresh
 from mtl4c_prob.models._packing import Layout
 
@@ -48,7 +53,7 @@ class _Inducing(PyroModule):
         return {name: isinstance(getattr(self, name), torch.nn.Parameter) for name in self.names}
 
 
-class _GPBase(ProbabilisticModel):
+class _GPBase(DrugInputChoice, ProbabilisticModel):
     """What both GPs share: inputs, kernel, mean effects, noise, jittered Cholesky."""
 
     requires_cell_features = True
@@ -72,14 +77,6 @@ class _GPBase(ProbabilisticModel):
         self.ard = bool(self.ard)
 
     # ------------------------------------------------------------ inputs
-    def _use_drug_features(self) -> bool:
-        if self.drug_input == "auto":
-            return getattr(self, "_auto_drug", False)
-        return self.drug_input in ("features", "both")
-
-    def _uses_identity(self) -> bool:
-        return self.drug_input in ("auto", "identity", "both")
-
     def _prepare(self, train: DrugResponseData) -> None:
         self._layout_cache, self._drug_inputs = None, {}
         self._auto_drug = train.drug_features is not None

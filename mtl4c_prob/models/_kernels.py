@@ -26,6 +26,7 @@ __all__ = [
     "COMPOSITES",
     "KERNELS",
     "CellDrugKernel",
+    "DrugInputChoice",
     "identity_inputs",
     "median_distance",
     "reference_distances",
@@ -137,6 +138,24 @@ def reference_distances(
         out["identity"] = math.sqrt(2.0)
     out["joint"] = median_distance(rows, seed=seed)
     return out
+
+
+class DrugInputChoice:
+    """What a GP's ``drug_input`` option (auto, features, identity, both) switches on.
+
+    Mixed into both GP families before :class:`ProbabilisticModel`; ``"auto"`` uses the
+    drug features when the training data had them (``_auto_drug``, set at fit time).
+    """
+
+    drug_input: str
+
+    def _use_drug_features(self) -> bool:
+        if self.drug_input == "auto":
+            return getattr(self, "_auto_drug", False)
+        return self.drug_input in ("features", "both")
+
+    def _uses_identity(self) -> bool:
+        return self.drug_input in ("auto", "identity", "both")
 
 
 def identity_inputs(seen: torch.Tensor) -> torch.Tensor:

@@ -514,7 +514,7 @@ class FullMultitaskGP(LMCGP):
         return super().fit(train, val, config, **config_kwargs)
 
     def _complete(self, data: DrugResponseData, what: str) -> DrugResponseData:
-        """Return ``data`` when every (cell, drug) pair has every task, else see ``incomplete``."""
+        """Return ``data`` unless pairs lack a task and ``incomplete`` is not "marginal"."""
         frame = data.frame
         dup = int(frame.duplicated(["task", "cell", "drug"]).sum())
         if dup:
@@ -522,11 +522,13 @@ class FullMultitaskGP(LMCGP):
                 f"gp-full needs one {what} row per (task, cell, drug); {dup} rows repeat one: "
                 "average them (duplicates='mean' in the loaders)"
             )
+        if self.incomplete == "marginal":
+            return data
         present = frame.groupby(["cell", "drug", "task"], observed=True).size().unstack("task")
         present = present.reindex(columns=list(data.tasks))
         lacking = present.isna()
         incomplete = lacking.any(axis=1)
-        if not incomplete.any() or self.incomplete == "marginal":
+        if not incomplete.any():
             return data
         n_bad, n_pairs = int(incomplete.sum()), len(present)
         by_task = ", ".join(f"{t} missing at {int(n)}" for t, n in lacking.sum().items() if n)

@@ -16,6 +16,7 @@ from pyro.poutine.runtime import effectful
 from mtl4c_prob.data import DrugResponseData, TensorData
 from mtl4c_prob.inference import SVIConfig, local_params
 from mtl4c_prob.models._base import ProbabilisticModel
+from mtl4c_prob.models._kernels import DrugInputChoice
 from mtl4c_prob.models._likelihoods import gaussian_likelihood
 from mtl4c_prob.models._mf import _fresh, _rows
 from mtl4c_prob.models._mtgp_modules import COMPOSITES, KERNELS
@@ -37,7 +38,7 @@ MAX_COVARIANCE_ROWS = 5000
 _param_site = effectful(lambda name, value: value, type="param")
 
 
-class MultitaskGPBase(ProbabilisticModel):
+class MultitaskGPBase(DrugInputChoice, ProbabilisticModel):
     """What the three multitask GPs share: inputs, mean effects, GP lifecycle, readouts.
 
     Status: experimental. Subclasses implement ``_new_module`` (the GPyTorch module) and
@@ -114,14 +115,6 @@ class MultitaskGPBase(ProbabilisticModel):
         return super().fit(train, val, config, **config_kwargs)
 
     # ------------------------------------------------------------ inputs
-    def _use_drug_features(self) -> bool:
-        if self.drug_input == "auto":
-            return getattr(self, "_auto_drug", False)
-        return self.drug_input in ("features", "both")
-
-    def _uses_identity(self) -> bool:
-        return self.drug_input in ("auto", "identity", "both")
-
     def _prepare(self, train: DrugResponseData) -> None:
         self._auto_drug = train.drug_features is not None
         self._layout_cache = None

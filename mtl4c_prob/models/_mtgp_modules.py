@@ -38,7 +38,24 @@ def _family(kernel: str, dim: int, ard: bool, batch_shape: torch.Size) -> Kernel
     return MaternKernel(nu=nu, ard_num_dims=ard_dims, batch_shape=batch_shape)
 
 
-class InputKernel(Kernel):
+class _StoredBatchShape:
+    """A kernel's batch shape as a stored attribute.
+
+    Every part of these kernels has the same batch shape; GPyTorch's default property
+    walks the sub-kernels on each access.
+    """
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        """Batch shape of the kernel."""
+        return self._batch_shape
+
+    @batch_shape.setter
+    def batch_shape(self, value: torch.Size) -> None:
+        self._batch_shape = torch.Size(value)
+
+
+class InputKernel(_StoredBatchShape, Kernel):
     r"""Covariance of ``[cell | drug | identity]`` input rows, dense in every evaluation.
 
     Status: experimental.
@@ -106,15 +123,6 @@ class InputKernel(Kernel):
                 self.scale_medians[block] = share / len(drug_blocks)
             self.parts[block] = part
 
-    @property
-    def batch_shape(self) -> torch.Size:
-        """Batch shape of the kernel (every part has it; GPyTorch's default walks them)."""
-        return self._batch_shape
-
-    @batch_shape.setter
-    def batch_shape(self, value: torch.Size) -> None:
-        self._batch_shape = torch.Size(value)
-
     def base_kernels(self) -> dict[str, Kernel]:
         """Return the stationary kernel of each part (inside its scale), by block name."""
         return {
@@ -155,22 +163,13 @@ class InputKernel(Kernel):
         return cell * drug if self.composite == "product" else cell + drug
 
 
-class _HadamardKernel(Kernel):
+class _HadamardKernel(_StoredBatchShape, Kernel):
     """Input kernel times an index kernel over the task code in the last input column."""
 
     def __init__(self, input_kernel: InputKernel, n_tasks: int, rank: int) -> None:
         super().__init__()
         self.input_kernel = input_kernel
         self.task_kernel = IndexKernel(num_tasks=n_tasks, rank=rank)
-
-    @property
-    def batch_shape(self) -> torch.Size:
-        """Batch shape of the kernel (every part has it; GPyTorch's default walks them)."""
-        return self._batch_shape
-
-    @batch_shape.setter
-    def batch_shape(self, value: torch.Size) -> None:
-        self._batch_shape = torch.Size(value)
 
     def forward(self, x1, x2, diag: bool = False, **params) -> torch.Tensor:
         K = self.input_kernel.forward(x1[..., :-1], x2[..., :-1], diag=diag)
