@@ -2,10 +2,12 @@
 
 Each (dataset, model, run) cell is a trial of the experiment's study. Cells wait in the
 queue (``WAITING``); a worker claims one by moving it to ``RUNNING`` through the
-storage, which succeeds for exactly one worker (a row lock in a database, the log order
-in a journal file), fits and scores the model, and records the metrics as the trial's
-user attribute ``result`` with state ``COMPLETE``. A failed cell is recorded ``FAIL``
-with its error and queued again by the next run.
+storage, which succeeds for exactly one worker (a row lock in PostgreSQL or MySQL, the
+write lock each SQLite transaction takes as it begins, see
+:func:`mtl4c_prob._storage.open_storage`, the log order in a journal file), fits and
+scores the model, and records the metrics as the trial's user attribute ``result`` with
+state ``COMPLETE``. A failed cell is recorded ``FAIL`` with its error and queued again by
+the next run.
 """
 
 from __future__ import annotations

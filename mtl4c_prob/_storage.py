@@ -96,7 +96,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
+            storage = optuna.storages.RDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=HEARTBEAT_INTERVAL,
@@ -111,6 +111,35 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         if isinstance(exc, (ImportError, ValueError)):
             raise
         raise ValueError(f"cannot open storage {redact(url)}: {exc}") from exc
+    if storage.engine.name == "sqlite":
+        _write_lock_on_begin(storage)
+    return storage
+
+
+def _write_lock_on_begin(storage: optuna.storages.RDBStorage) -> None:
+    """Make every SQLite transaction take the database's write lock when it begins.
+
+    Optuna claims a queued trial by reading its state ``SELECT ... FOR UPDATE`` and then
+    writing ``RUNNING``. SQLite has no row locks and Python's driver begins a transaction
+    only at the first write, so two workers can both read ``WAITING`` and both claim the
+    trial; the slower one then fails with "Cannot tell a COMPLETE trial" (tuning) or runs
+    an experiment cell twice. ``BEGIN IMMEDIATE`` makes the read and the write one
+    critical section. The cost is that transactions, reads included, run one at a time,
+    which Optuna's short transactions bear well on one host.
+    """
+    import sqlalchemy
+
+    @sqlalchemy.event.listens_for(storage.engine, "connect")
+    def _no_driver_transactions(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy's "begin" below opens them
+
+    @sqlalchemy.event.listens_for(storage.engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    # Connections opened while the storage was set up predate the listeners.
+    storage.scoped_session.remove()
+    storage.engine.dispose()
 
 
 def redact(url: str) -> str:

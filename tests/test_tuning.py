@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import threading
 
 import numpy as np
 import optuna
@@ -125,6 +126,41 @@ def test_storage_names():
     assert resolve_storage_url("postgresql://u:secret@h/db", None) == "postgresql://u:secret@h/db"
     with pytest.raises(ValueError, match="neither a database URL"):
         resolve_storage_url("study.txt", None)
+
+
+def _claims_of_racing_workers(url, workers=4, queued=30):
+    """Each worker, with its own connection, tries to move every queued trial to RUNNING."""
+    study = optuna.create_study(study_name="race", storage=open_storage(url))
+    for x in range(queued):
+        study.enqueue_trial({"x": x})
+    barrier, wins = threading.Barrier(workers), []
+
+    def worker():
+        storage = open_storage(url)
+        sid = storage.get_study_id_from_name("race")
+        ids = [t._trial_id for t in storage.get_all_trials(sid, states=(TrialState.WAITING,))]
+        barrier.wait()
+        wins.append(sum(bool(storage.set_trial_state_values(i, TrialState.RUNNING)) for i in ids))
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return wins
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_queued_trial_is_claimed_by_one_worker(kind, tmp_path):
+    # Before SQLite transactions took the write lock on BEGIN, 4 threads claimed 36-49 of
+    # 30 queued trials; two workers running one trial is what broke two-worker tuning.
+    url = resolve_storage_url(tmp_path / ("q.db" if kind == "sqlite" else "q.log"), None)
+    wins = _claims_of_racing_workers(url)
+    assert len(wins) == 4 and sum(wins) == 30
+
+
+def test_a_queued_trial_is_claimed_by_one_postgres_worker(postgres_url):  # noqa: F811
+    assert sum(_claims_of_racing_workers(postgres_url)) == 30
 
 
 def test_tune_beats_the_defaults_and_writes_its_outputs(data, tmp_path):
