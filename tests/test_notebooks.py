@@ -39,8 +39,11 @@ def test_notebook_is_stored_without_outputs(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path):
+def test_notebook_runs(path, monkeypatch):
     nb = nbformat.read(path, as_version=4)
+    # One torch thread in the kernel, as in every other test: the suite runs in two
+    # workers on 2 cores, and two-thread kernels competing for them slow down manyfold.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     if "MTL4C_DATA" in _source(nb) and not DATA.is_dir():
         pytest.skip(f"real GDSC data not found at {DATA}")
     client = NotebookClient(
