@@ -85,7 +85,12 @@ def main() -> None:
     parser.add_argument("--composite", default="product")
     parser.add_argument("--n-inducing", type=int, default=96)
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1024,
+        help="rows per SVI step (0: the model's default, 2048 per task in a joint fit)",
+    )
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--objective", default="elbo", choices=["predictive", "elbo"])
     parser.add_argument("--no-single", action="store_true", help="skip the per-task fits")
@@ -122,8 +127,8 @@ def main() -> None:
     gp_setting = (
         f"GP settings: kernel={args.kernel} composite={args.composite} n_inducing="
         f"{args.n_inducing} objective={args.objective}; {args.steps} SVI steps, batch "
-        f"{args.batch_size}, lr {args.lr}; 50 expression PCs, {args.drug_pca} fingerprint "
-        f"PCs + drug identity; torch threads {torch.get_num_threads()}"
+        f"{args.batch_size or 'of the model default'}, lr {args.lr}; 50 expression PCs, "
+        f"{args.drug_pca} fingerprint PCs + drug identity; torch threads {torch.get_num_threads()}"
     )
     print(setting, "\n" + gp_setting, flush=True)
 
@@ -131,7 +136,7 @@ def main() -> None:
     rows = score("drug means", drug_means(tr, te), time.perf_counter() - start, {})
     fit = {
         "steps": args.steps,
-        "batch_size": args.batch_size,
+        "batch_size": args.batch_size or None,
         "lr": args.lr,
         "seed": args.seed,
         "progress_bar": False,
