@@ -100,8 +100,9 @@ class MultitaskGPBase(DrugInputChoice, ProbabilisticModel):
         ``fit_defaults["batch_size"]`` rows per step, so that each task gets as many rows
         per step as in a per-task fit (``multitask=False``). With half as many, the joint
         fits were behind the per-task fits on GDSC1 + GDSC2 with every row (RMSE 1.1875
-        against 1.1857 on GDSC1); with as many, ICM is ahead on both screens and two
-        seeds (benchmarks/README.md).
+        against 1.1857 on GDSC1). With as many, ICM is ahead on both screens on two of
+        three splits, and behind on GDSC2 on the third by 0.004 RMSE
+        (benchmarks/README.md).
 
         Returns
         -------
